@@ -1,0 +1,261 @@
+"""Latent shard format: writer and random-access reader.
+
+A precomputed folder holds `shard-000000.tar`, `shard-000001.tar`, … (plain POSIX tars that
+webdataset can stream), `manifest.json`, `stats.json` and `rejected.txt`. One sample in a tar is
+
+    <key>.moments.npy   float16 [2, 2C, h, w]   view 0 = image, view 1 = its h-flip; mean ‖ logvar on axis 1
+    <key>.cls           ascii int               class id
+    <key>.indices.npy   uint8   [2, C, h, w]    optional, quantized scaled posterior means
+
+where `key` is `%09d` of the sample's position in the sorted input list. Shard `s` holds the keys in
+`[s·S, (s+1)·S)` minus rejected inputs, so a shard can hold fewer than S samples; the reader's index
+is therefore dense over the stored samples (cumulative shard counts), not over keys.
+
+Tars are written byte-deterministically (fixed mtime/owner/mode, members in key order), so the same
+moments always give the same sha256 — which is what lets a killed-and-rerun precompute reproduce the
+manifest of an uninterrupted run exactly.
+"""
+from __future__ import annotations
+
+import bisect
+import hashlib
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+FORMAT = "tokenbridge-latents/1"
+MANIFEST = "manifest.json"
+STATS = "stats.json"
+REJECTED = "rejected.txt"
+
+
+class ShardError(ValueError):
+    """A latent folder or shard is missing, incomplete or corrupt; the message is one line naming it."""
+
+
+def shard_name(shard_id: int) -> str:
+    return f"shard-{shard_id:06d}.tar"
+
+
+def sample_key(index: int) -> str:
+    return f"{index:09d}"
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shard(
+    path: str | os.PathLike,
+    samples: Sequence[tuple[str, np.ndarray, int]],
+    indices: Sequence[np.ndarray] | None = None,
+) -> str:
+    """Write one shard atomically and return its sha256 hex digest.
+
+    samples: (key, moments float16 [2, 2C, h, w], class id) in key order; indices (optional): one uint8
+    [2, C, h, w] array per sample. The tar is written under a temporary name in the same folder,
+    fsynced, then renamed, so `path` either does not exist or is complete.
+    """
+    path = Path(path)
+    if indices is not None and len(indices) != len(samples):
+        raise ValueError(f"{path.name}: {len(indices)} index arrays for {len(samples)} samples")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+                for i, (key, moments, label) in enumerate(samples):
+                    if moments.dtype != np.float16 or moments.ndim != 4 or moments.shape[0] != 2:
+                        raise ValueError(
+                            f"{path.name}: sample {key}: moments must be float16 [2, 2C, h, w], "
+                            f"got {moments.dtype} {list(moments.shape)}")
+                    _add_member(tar, f"{key}.moments.npy", _npy_bytes(moments))
+                    _add_member(tar, f"{key}.cls", str(int(label)).encode("ascii"))
+                    if indices is not None:
+                        _add_member(tar, f"{key}.indices.npy", _npy_bytes(indices[i].astype(np.uint8)))
+            f.flush()
+            os.fsync(f.fileno())
+        digest = sha256_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return digest
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """Byte ranges of one sample's members inside its tar (offset, size); indices may be absent."""
+    key: str
+    moments: tuple[int, int]
+    cls: tuple[int, int]
+    indices: tuple[int, int] | None
+
+
+def index_tar(path: str | os.PathLike) -> list[_Entry]:
+    """Scan a shard's tar headers once (no data read) -> its samples' member byte ranges, in tar order."""
+    groups: dict[str, dict[str, tuple[int, int]]] = {}
+    order: list[str] = []
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                key, _, ext = m.name.partition(".")
+                if key not in groups:
+                    groups[key] = {}
+                    order.append(key)
+                groups[key][ext] = (m.offset_data, m.size)
+    except (tarfile.TarError, OSError) as e:
+        raise ShardError(f"shard {path}: unreadable tar ({e})") from None
+    entries = []
+    for key in order:
+        g = groups[key]
+        if "moments.npy" not in g or "cls" not in g:
+            raise ShardError(f"shard {path}: sample {key} lacks moments.npy or cls")
+        entries.append(_Entry(key, g["moments.npy"], g["cls"], g.get("indices.npy")))
+    return entries
+
+
+def read_manifest(folder: str | os.PathLike) -> dict:
+    """Load and sanity-check manifest.json of a precomputed folder (one-line ShardError otherwise)."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise ShardError(f"{path}: not found (not a precomputed latent folder, or precompute unfinished)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ShardError(f"{path}: invalid JSON ({e})") from None
+    if manifest.get("format") != FORMAT:
+        raise ShardError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    return manifest
+
+
+class LatentShards:
+    """Random-access reader over a precomputed latent folder.
+
+    Index i (0 <= i < len) runs densely over the stored samples in key order. Each shard's tar headers
+    are scanned once, on first access to that shard; a read is then one positioned read per member
+    (os.pread, so forked DataLoader workers never share a file offset).
+    """
+
+    def __init__(self, folder: str | os.PathLike, verify: bool = True):
+        self.folder = Path(folder)
+        self.manifest = read_manifest(self.folder)
+        stats_path = self.folder / STATS
+        self.stats: dict | None = json.loads(stats_path.read_text()) if stats_path.is_file() else None
+        self.shards: list[dict] = self.manifest["shards"]
+        self._ends = list(np.cumsum([s["count"] for s in self.shards], dtype=np.int64).tolist())
+        if self._ends and self._ends[-1] != self.manifest["num_samples"]:
+            raise ShardError(f"{self.folder / MANIFEST}: shard counts sum to {self._ends[-1]}, "
+                             f"num_samples says {self.manifest['num_samples']}")
+        for s in self.shards:
+            path = self.folder / s["name"]
+            if not path.is_file():
+                raise ShardError(f"shard {path}: missing")
+            if verify:
+                got = sha256_file(path)
+                if got != s["sha256"]:
+                    raise ShardError(f"shard {path}: sha256 mismatch (manifest {s['sha256'][:12]}…, "
+                                     f"file {got[:12]}…): corrupt or modified")
+        self._index: dict[int, list[_Entry]] = {}
+        self._fds: dict[int, int] = {}
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return self._ends[-1] if self._ends else 0
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """Dense sample index -> (shard id, offset within that shard)."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample index {index} out of range [0, {len(self)})")
+        shard = bisect.bisect_right(self._ends, index)
+        start = self._ends[shard - 1] if shard else 0
+        return shard, index - start
+
+    def _entries(self, shard: int) -> list[_Entry]:
+        if shard not in self._index:
+            path = self.folder / self.shards[shard]["name"]
+            entries = index_tar(path)
+            if len(entries) != self.shards[shard]["count"]:
+                raise ShardError(f"shard {path}: holds {len(entries)} samples, manifest says "
+                                 f"{self.shards[shard]['count']}")
+            self._index[shard] = entries
+        return self._index[shard]
+
+    def _pread(self, shard: int, span: tuple[int, int]) -> bytes:
+        if self._pid != os.getpid():  # forked into a worker: the parent's descriptors are not ours
+            self._fds, self._pid = {}, os.getpid()
+        fd = self._fds.get(shard)
+        if fd is None:
+            fd = self._fds[shard] = os.open(self.folder / self.shards[shard]["name"], os.O_RDONLY)
+        offset, size = span
+        return os.pread(fd, size, offset)
+
+    def key(self, index: int) -> str:
+        """The sample's key (`%09d` of its position in the sorted input list)."""
+        shard, offset = self.locate(index)
+        return self._entries(shard)[offset].key
+
+    def read(self, index: int) -> tuple[np.ndarray, int]:
+        """-> (moments float16 [2, 2C, h, w], class id) of dense sample `index`."""
+        shard, offset = self.locate(index)
+        e = self._entries(shard)[offset]
+        moments = np.load(io.BytesIO(self._pread(shard, e.moments)), allow_pickle=False)
+        return moments, int(self._pread(shard, e.cls))
+
+    def read_indices(self, index: int) -> np.ndarray | None:
+        """-> stored quantizer indices uint8 [2, C, h, w] of `index`, or None if none were stored."""
+        shard, offset = self.locate(index)
+        e = self._entries(shard)[offset]
+        if e.indices is None:
+            return None
+        return np.load(io.BytesIO(self._pread(shard, e.indices)), allow_pickle=False)
+
+    def close(self) -> None:
+        if self._pid == os.getpid():
+            for fd in self._fds.values():
+                os.close(fd)
+        self._fds = {}
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_fds"] = {}
+        return state
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+__all__ = [
+    "FORMAT", "MANIFEST", "STATS", "REJECTED", "ShardError", "shard_name", "sample_key", "sha256_file",
+    "write_shard", "index_tar", "read_manifest", "LatentShards",
+]

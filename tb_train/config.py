@@ -1,0 +1,220 @@
+"""Strict dataclass configs filled from YAML files and dotted command-line overrides.
+
+Each component owns a dataclass; a job config is a dataclass composed of them. Files are read
+strictly: an unknown key, a value of the wrong type or a missing required field raises a one-line
+`ConfigError` naming the file and the dotted key, before any heavy work starts. A YAML file may
+name a `_base_` file (relative to itself) whose values it overrides, so job files stay short.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import types
+from pathlib import Path
+from typing import Any, Iterable, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+T = TypeVar("T")
+BASE_KEY = "_base_"
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message is one line naming source and key."""
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check `value` against the annotation `tp`, converting only lossless cases (int→float, list→tuple)."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, source)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{source}: key '{key}' expects {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in get_args(tp):
+            choices = ", ".join(repr(a) for a in get_args(tp))
+            raise ConfigError(f"{source}: key '{key}' must be one of {choices}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: key '{key}' expects a mapping ({tp.__name__}), got {value!r}")
+        return from_dict(tp, value, source=source, prefix=key)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: key '{key}' expects a list, got {value!r}")
+        args = get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise ConfigError(f"{source}: key '{key}' expects {len(args)} items, got {len(value)}")
+            return tuple(_coerce(v, a, f"{key}[{i}]", source) for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        items = [_coerce(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: key '{key}' expects a mapping, got {value!r}")
+        _, vt = get_args(tp) or (str, Any)
+        return {str(k): _coerce(v, vt, f"{key}.{k}", source) for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads '4e-4' (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: key '{key}' expects float, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: key '{key}' expects int, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: key '{key}' expects bool, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: key '{key}' expects str, got {value!r}")
+        return value
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise ConfigError(f"{source}: key '{key}' expects {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type[T], data: dict, source: str = "<dict>", prefix: str = "") -> T:
+    """Build dataclass `cls` from a nested dict, strictly (unknown/missing/mistyped keys raise)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: '{prefix or '<top>'}' expects a mapping, got {data!r}")
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    dotted = (lambda k: f"{prefix}.{k}") if prefix else (lambda k: k)
+    for key in data:
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"{source}: unknown key '{dotted(key)}' (known: {known})")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _coerce(data[name], hints[name], dotted(name), source)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{source}: missing required key '{dotted(name)}'")
+    try:
+        obj = cls(**kwargs)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{source}: '{prefix or cls.__name__}': {e}") from None
+    return obj
+
+
+def to_dict(cfg: Any) -> Any:
+    """Plain nested dict/list form of a config (tuples become lists, as YAML writes them)."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_yaml(path: str | os.PathLike, _seen: tuple = ()) -> dict:
+    """Read a YAML mapping, resolving its `_base_` chain (a cycle or a missing base is an error)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: '_base_' cycle")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        msg = " ".join(str(e).split())
+        raise ConfigError(f"{path}: invalid YAML: {msg}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    base = data.pop(BASE_KEY, None)
+    if base is None:
+        return data
+    return _deep_merge(read_yaml(path.parent / base, _seen + (path.resolve(),)), data)
+
+
+def parse_overrides(overrides: Iterable[str]) -> dict:
+    """Turn ['model.size=L', 'optim.lr=4e-4'] into a nested dict; values are parsed as YAML scalars."""
+    out: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}': expected key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{part}' is set both as a value and a section")
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> T:
+    """Fill `cls` from a YAML file (optional) and dotted overrides; errors name the file or override."""
+    overrides = list(overrides)
+    data = read_yaml(path) if path is not None else {}
+    source = str(path) if path is not None else "<defaults>"
+    if overrides:
+        data = _deep_merge(data, parse_overrides(overrides))
+        source += " + overrides"
+    return from_dict(cls, data, source=source)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write via a temporary file in the same folder and rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def dump_config(cfg: Any, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML (what a run actually used), atomically."""
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+__all__ = [
+    "ConfigError", "from_dict", "to_dict", "read_yaml", "parse_overrides", "load_config",
+    "dump_config", "atomic_write_text",
+]

@@ -1,0 +1,148 @@
+"""The world-size-independent data cursor: coverage per epoch, equal global batches across world/accum,
+exact resume (also at another world size or global batch), epoch rollover, view choice, bad input."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from fixtures_data import NUM_CLASSES, SCALE, decode_rows, write_latent_folder
+from tb_train.config import ConfigError
+from tb_train.data import DataConfig, LatentLoader, epoch_order, epoch_views
+from tb_train.shards import ShardError
+
+N = 50  # samples in the folder; not a multiple of the global batches below, so tails are dropped
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return str(write_latent_folder(tmp_path_factory.mktemp("latents"), N, samples_per_shard=8))
+
+
+def loaders(folder, world, accum, micro=3, seed=0, workers=0):
+    cfg = DataConfig(path=folder, micro_batch=micro, num_workers=workers, seed=seed, verify=False)
+    return [LatentLoader(cfg, r, world, accum) for r in range(world)]
+
+
+def global_step(ranks) -> list[tuple[int, int]]:
+    """One step on every rank -> [(sample index, view)] of the global batch in micro_id order."""
+    micro = sorted((mb for lo in ranks for mb in lo.next_step()), key=lambda mb: mb.micro_id)
+    assert [mb.micro_id for mb in micro] == list(range(len(micro)))
+    rows = []
+    for mb in micro:
+        idx, views = decode_rows(mb.moments)
+        assert mb.moments.dtype == torch.float32 and mb.labels.dtype == torch.int64
+        assert mb.labels.tolist() == [i % NUM_CLASSES for i in idx]
+        rows += list(zip(idx, views))
+    return rows
+
+
+@pytest.mark.parametrize("world,accum", [(1, 1), (2, 1), (4, 1), (2, 2)])
+def test_every_sample_once_per_epoch_across_ranks(folder, world, accum):
+    ranks = loaders(folder, world, accum)
+    g = 3 * world * accum
+    assert all(lo.steps_per_epoch == N // g and lo.scale == SCALE for lo in ranks)
+    seen = [i for _ in range(N // g) for i, _ in global_step(ranks)]
+    assert len(seen) == len(set(seen)) == (N // g) * g
+    assert seen == epoch_order(0, 0, N)[:len(seen)].tolist()   # the global order, not a per-rank one
+    assert {lo.epoch for lo in ranks} == {1} and {lo.consumed for lo in ranks} == {0}
+
+
+def test_same_global_batches_for_world2_accum1_and_world1_accum2(folder):
+    a, b = loaders(folder, world=2, accum=1), loaders(folder, world=1, accum=2)
+    for _ in range(12):  # crosses the epoch boundary (8 steps per epoch)
+        assert global_step(a) == global_step(b)
+
+
+def test_workers_return_batches_in_order(folder):
+    plain, workers = loaders(folder, 2, 1), loaders(folder, 2, 1, workers=2)
+    for _ in range(10):
+        assert global_step(plain) == global_step(workers)
+    for lo in workers:
+        lo.close()
+
+
+def test_state_round_trip_mid_epoch(folder):
+    ref = loaders(folder, 2, 1)
+    for _ in range(3):
+        global_step(ref)
+    states = [lo.state_dict() for lo in ref]
+    assert states[0] == states[1] == {"epoch": 0, "consumed": 18, "seed": 0}
+    resumed = loaders(folder, 2, 1)
+    for lo, sd in zip(resumed, json.loads(json.dumps(states))):
+        lo.load_state_dict(sd)
+    for _ in range(7):
+        assert global_step(resumed) == global_step(ref)
+
+
+@pytest.mark.parametrize("world_after,accum_after,micro_after", [(1, 2, 3), (4, 1, 3), (1, 1, 5)])
+def test_resume_at_another_world_size_neither_repeats_nor_skips(folder, world_after, accum_after,
+                                                                micro_after):
+    before = loaders(folder, 2, 1)
+    seen = [i for _ in range(3) for i, _ in global_step(before)]
+    after = loaders(folder, world_after, accum_after, micro=micro_after)
+    for lo in after:
+        lo.load_state_dict(before[0].state_dict())
+    while after[0].epoch == 0:
+        seen += [i for i, _ in global_step(after)]
+    assert len(seen) == len(set(seen))
+    assert seen == epoch_order(0, 0, N)[:len(seen)].tolist()        # continued exactly where it stopped
+    g = micro_after * world_after * accum_after
+    assert N - g < len(seen) <= N                                     # only a tail smaller than G dropped
+    if g == 6:  # same global batch: identical to a run that never changed world size
+        ref = loaders(folder, 2, 1)
+        assert [i for _ in range(N // 6) for i, _ in global_step(ref)] == seen
+
+
+def test_load_with_larger_global_batch_that_no_longer_fits_rolls_over(folder):
+    lo = loaders(folder, 1, 1, micro=20)[0]
+    lo.load_state_dict({"epoch": 2, "consumed": 36, "seed": 0})   # 36 + 20 > 50
+    assert lo.state_dict() == {"epoch": 3, "consumed": 0, "seed": 0}
+
+
+def test_epoch_rollover_gives_a_new_order_and_views(folder):
+    (lo,) = loaders(folder, 1, 1, micro=10)
+    epochs = []
+    for _ in range(2):
+        epochs.append([row for _ in range(lo.steps_per_epoch) for row in global_step([lo])])
+        assert lo.consumed == 0
+    assert lo.epoch == 2
+    assert [i for i, _ in epochs[1]] == epoch_order(0, 1, N)[:50].tolist()
+    assert [i for i, _ in epochs[0]] != [i for i, _ in epochs[1]]
+    for e, rows in enumerate(epochs):
+        assert [v for _, v in rows] == epoch_views(0, e, N)[[i for i, _ in rows]].tolist()
+
+
+def test_view_choice_is_balanced_deterministic_and_seeded():
+    v = epoch_views(0, 0, 20000)
+    assert abs(v.mean() - 0.5) < 0.015
+    assert np.array_equal(v, epoch_views(0, 0, 20000))
+    assert np.array_equal(v[:100], epoch_views(0, 0, 100))    # a sample's view does not depend on N
+    assert 0.4 < (v != epoch_views(0, 1, 20000)).mean() < 0.6  # independent across epochs
+    assert 0.4 < (v != epoch_views(1, 0, 20000)).mean() < 0.6  # and seeds
+    assert not np.array_equal(epoch_order(0, 0, 100), epoch_order(1, 0, 100))
+
+
+def test_changed_seed_on_resume_is_an_error(folder):
+    (lo,) = loaders(folder, 1, 1, seed=1)
+    with pytest.raises(ConfigError, match="seed"):
+        lo.load_state_dict({"epoch": 0, "consumed": 3, "seed": 0})
+
+
+def test_bad_input_gives_one_line_errors(folder, tmp_path):
+    with pytest.raises(ConfigError, match="not found") as e:
+        LatentLoader(DataConfig(path=str(tmp_path / "nope")), 0, 1, 1)
+    with pytest.raises(ConfigError, match="exceeds the 50 samples") as e:
+        loaders(folder, world=4, accum=2, micro=7)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ShardError, match="manifest.json"):
+        LatentLoader(DataConfig(path=str(tmp_path)), 0, 1, 1)
+    bad = write_latent_folder(tmp_path / "bad", 10, samples_per_shard=4)
+    (bad / "shard-000001.tar").write_bytes(b"x" * 512)
+    with pytest.raises(ShardError, match="shard-000001.tar.*sha256"):
+        LatentLoader(DataConfig(path=str(bad)), 0, 1, 1)
+    with pytest.raises(ValueError, match="micro_batch"):
+        DataConfig(path=folder, micro_batch=0)

@@ -169,7 +169,7 @@ class DimensionwiseQuantizer(nn.Module):
         dtype = torch.promote_types(x.dtype, torch.float32)
         table = self.values.to(dtype)
         midpoints = 0.5 * (table[:, 1:] + table[:, :-1])  # [rows, levels - 1]
-        x = x.to(dtype)
+        x = x.to(dtype).contiguous()
         if table.shape[0] == 1:
             idx = torch.bucketize(x, midpoints[0])
         else:

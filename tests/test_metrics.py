@@ -1,0 +1,98 @@
+"""Metrics: TensorBoard scalars on the step and epoch_1000x axes, the throughput/MFU arithmetic (fake
+clock), sample grids as TB images and PNGs, rank > 0 silent, peak-FLOP measurement."""
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tb_train.metrics import MetricsConfig, MetricsLogger, measure_peak_flops
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def run_steps(logger: MetricsLogger, clock: FakeClock, steps: int, wait: float, compute: float) -> None:
+    """`steps` steps of `wait` s data loading then `compute` s work; 8 samples per step."""
+    for s in range(1, steps + 1):
+        logger.step_start()
+        clock.t += wait
+        logger.data_ready()
+        clock.t += compute
+        logger.step_end(s, samples=8 * s, scalars={"loss": float(s), "lr": 1e-3, "ce/ch0": 2.0 * s})
+
+
+def read_events(run_dir) -> EventAccumulator:
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    return acc
+
+
+def test_scalars_on_both_axes_with_exact_throughput_and_mfu(tmp_path, capsys):
+    clock = FakeClock()
+    logger = MetricsLogger(MetricsConfig(log_every=2), str(tmp_path), rank=0, flops_per_sample=1e9,
+                           peak_flops=1e10, samples_per_epoch=20, global_batch=8,
+                           tokens_per_sample=4096, world=2, clock=clock)
+    run_steps(logger, clock, steps=4, wait=0.25, compute=0.75)
+    logger.close()
+    acc = read_events(tmp_path)
+
+    def series(tag):
+        return [(e.step, pytest.approx(e.value)) for e in acc.Scalars(tag)]
+
+    assert series("loss") == [(2, 1.5), (4, 3.5)]                       # interval means
+    assert series("by_epoch1000x/loss") == [(800, 1.5), (1600, 3.5)]    # 16 and 32 of 20 samples
+    assert series("ce/ch0") == [(2, 3.0), (4, 7.0)]
+    assert series("perf/samples_per_s") == [(2, 8.0), (4, 8.0)]         # 8 samples per 1.0 s step
+    assert series("perf/tokens_per_s") == [(2, 8 * 4096), (4, 8 * 4096)]
+    assert series("perf/data_wait_frac") == [(2, 0.25), (4, 0.25)]
+    assert series("perf/mfu") == [(2, 0.4), (4, 0.4)]                   # 8e9 FLOP/s over 2 devices / 1e10
+    assert series("by_epoch1000x/perf/mfu") == [(800, 0.4), (1600, 0.4)]
+    assert acc.Scalars("mem/peak_gib")[0].value > 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and "step 4" in lines[1] and "MFU 40.0%" in lines[1] and "data 25.0%" in lines[1]
+
+
+def test_image_grid_goes_to_tensorboard_and_png(tmp_path):
+    logger = MetricsLogger(MetricsConfig(), str(tmp_path), rank=0, flops_per_sample=1.0, peak_flops=None,
+                           samples_per_epoch=10, global_batch=2, world=1)
+    images = torch.linspace(-1, 1, 5 * 3 * 8 * 8).reshape(5, 3, 8, 8)
+    logger.log_image_grid("samples/ema", images, step=30)
+    logger.close()
+    acc = read_events(tmp_path)
+    (event,) = acc.Images("samples/ema")
+    assert event.step == 30
+    png = tmp_path / "samples" / "step_0000030.png"
+    with Image.open(png) as im:
+        assert im.size == (3 * 10 + 2, 2 * 10 + 2)     # 3 columns × 2 rows of 8 px + 2 px padding
+        assert im.getpixel((2, 2))[0] == 0               # image 0's first value -1 -> 0
+        assert im.getpixel((19, 19))[2] == 255           # image 4's last value +1 -> 255
+    assert sorted(p.name for p in png.parent.iterdir()) == ["step_0000030.png"]
+
+
+def test_other_ranks_write_nothing(tmp_path, capsys):
+    clock = FakeClock()
+    logger = MetricsLogger(MetricsConfig(log_every=1), str(tmp_path), rank=1, flops_per_sample=1.0,
+                           peak_flops=1.0, samples_per_epoch=10, global_batch=2, world=2, clock=clock)
+    run_steps(logger, clock, steps=2, wait=0.0, compute=1.0)
+    logger.log_image_grid("x", torch.zeros(1, 3, 4, 4), step=2)
+    logger.close()
+    assert list(tmp_path.iterdir()) == [] and capsys.readouterr().out == ""
+
+
+def test_measured_cpu_peak_flops_is_plausible():
+    flops = measure_peak_flops(torch.float32, device="cpu", n=256, min_time=0.05)
+    assert 1e8 < flops < 1e14
+
+
+def test_gpu_table_is_used_for_known_devices(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    assert measure_peak_flops(torch.bfloat16, device="cuda") == 989e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
+    assert measure_peak_flops(torch.bfloat16, device="cuda") == 756e12

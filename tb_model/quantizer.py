@@ -169,13 +169,13 @@ class DimensionwiseQuantizer(nn.Module):
         dtype = torch.promote_types(x.dtype, torch.float32)
         table = self.values.to(dtype)
         midpoints = 0.5 * (table[:, 1:] + table[:, :-1])  # [rows, levels - 1]
-        x = x.to(dtype).contiguous()
+        x = x.to(dtype)
         if table.shape[0] == 1:
-            idx = torch.bucketize(x, midpoints[0])
+            idx = torch.bucketize(x.contiguous(), midpoints[0], out_int32=True)
         else:
             self._check_channels(x, channel_dim)
             moved = x.movedim(channel_dim, 0)
-            flat = torch.searchsorted(midpoints, moved.reshape(moved.shape[0], -1))
+            flat = torch.searchsorted(midpoints, moved.reshape(moved.shape[0], -1).contiguous(), out_int32=True)
             idx = flat.reshape(moved.shape).movedim(0, channel_dim)
         return idx.to(torch.uint8)
 

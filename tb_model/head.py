@@ -1,0 +1,243 @@
+"""Per-position token heads: turn one MAR output z into the C quantized channel indices of a token.
+
+`ARHead` is TokenBridge's dimension-wise autoregressive head. For a position it runs a small causal
+transformer over the sequence [cond, E_0(t_0), ..., E_{S-2}(t_{S-2})] (cond = Linear(z), one embedding
+table per step, a learned step position embedding) whose blocks are adaLN-Zero modulated by
+cond + a learned per-step embedding; step i's output goes through its own classifier to give the
+logits of token t_i. Layout as in the authors' release (qk-norm LayerNorms, an extra LayerNorm
+before the adaLN final modulation); sizes per DESIGN §4.
+
+`ParallelHead` (the paper's ablation) predicts all steps at once from cond alone: the same trunk
+without token embeddings, so the channels are conditionally independent given z.
+
+Channel grouping (`group` = k): k consecutive channels (in generation order) form one step whose
+class is the mixed-radix number t_0 * levels^(k-1) + ... + t_{k-1}, so S = C / k steps of levels^k
+classes.
+
+Sampling draws one uniform per (position, step) up front and inverts the softmax CDF, so the cached
+loop (a preallocated KV cache, one new token per step) and the uncached prefix recomputation (the
+released code's way) consume identical random numbers and pick identical tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .mar import LN_EPS, Attention, Mlp
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1 + scale) + shift
+
+
+class AdaLNBlock(nn.Module):
+    """Pre-norm transformer block with adaLN-Zero modulation from a per-step condition c [N, T, w]."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, dropout: float, attn_dropout: float,
+                 causal: bool) -> None:
+        super().__init__()
+        self.causal = causal
+        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.attn = Attention(dim, num_heads, attn_dropout, dropout, qk_norm=True)
+        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), dropout)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x: Tensor, c: Tensor, cache: Tensor | None = None, pos: int = 0) -> Tensor:
+        """x, c [N, T, dim]; cache [2, N, heads, S, head_dim] (see Attention) or None."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)
+        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), self.causal, cache, pos)
+        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class FinalModulation(nn.Module):
+    """Affine-free LayerNorm followed by an adaLN scale/shift (the authors' `FinalLayer`)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, eps=LN_EPS, elementwise_affine=False)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        scale, shift = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return modulate(self.norm_final(x), shift, scale)
+
+
+def pick_tokens(logits: Tensor, uniforms: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """Sample from softmax(logits / T) by inverse CDF: logits [..., K], uniforms [...] -> (tokens, log p).
+
+    log p is the untempered model log-probability of the picked token (the confidence score).
+    temperature 0 picks the argmax.
+    """
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if temperature == 0:
+        tokens = logits.argmax(dim=-1)
+    else:
+        cdf = torch.softmax(logits / temperature, dim=-1).cumsum(dim=-1)
+        tokens = (cdf < uniforms[..., None] * cdf[..., -1:]).sum(dim=-1).clamp(max=logits.shape[-1] - 1)
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, tokens[..., None])[..., 0]
+    return tokens, logp
+
+
+class _HeadBase(nn.Module):
+    """Shared trunk: cond projection, step embeddings, adaLN blocks, final modulation, classifiers."""
+
+    causal: bool
+
+    def __init__(self, cond_dim: int, width: int, depth: int, num_heads: int, channels: int, levels: int,
+                 group: int = 1, mlp_ratio: float = 4.0, dropout: float = 0.1, attn_dropout: float = 0.1) -> None:
+        super().__init__()
+        if group < 1 or channels % group:
+            raise ValueError(f"channel_group {group} must divide the {channels} latent channels")
+        self.channels, self.levels, self.group = channels, levels, group
+        self.steps, self.classes = channels // group, levels ** group
+        self.cond_proj = nn.Linear(cond_dim, width)
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.steps, width))
+        self.step_embed = nn.Parameter(torch.zeros(1, self.steps, width))
+        self.blocks = nn.ModuleList(
+            AdaLNBlock(width, num_heads, mlp_ratio, dropout, attn_dropout, self.causal) for _ in range(depth))
+        self.norm = nn.LayerNorm(width, eps=LN_EPS)
+        self.final = FinalModulation(width)
+        self.classifiers = nn.ModuleList(nn.Linear(width, self.classes) for _ in range(self.steps))
+
+    def init_weights(self) -> None:
+        """Authors' init: xavier Linear, N(0, 0.02) embeddings, zero adaLN (blocks start as identity)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=0.02)
+            elif isinstance(m, nn.LayerNorm) and m.weight is not None:
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.step_embed, std=0.02)
+        for blk in [*self.blocks, self.final]:
+            nn.init.zeros_(blk.adaLN_modulation[-1].weight)
+            nn.init.zeros_(blk.adaLN_modulation[-1].bias)
+
+    def group_tokens(self, tokens: Tensor) -> Tensor:
+        """Channel tokens [N, C] (generation order) -> step classes [N, S]."""
+        if self.group == 1:
+            return tokens
+        radix = self.levels ** torch.arange(self.group - 1, -1, -1, device=tokens.device)
+        return (tokens.view(-1, self.steps, self.group) * radix).sum(-1)
+
+    def ungroup_tokens(self, classes: Tensor) -> Tensor:
+        """Step classes [N, S] -> channel tokens [N, C] (inverse of group_tokens)."""
+        if self.group == 1:
+            return classes
+        radix = self.levels ** torch.arange(self.group - 1, -1, -1, device=classes.device)
+        return (classes[..., None] // radix % self.levels).flatten(1)
+
+    def marginal_logprobs(self, logits: Tensor) -> Tensor:
+        """Per-channel marginal log-probs of grouped logits: [N, S, levels^k] -> [N, C, levels]."""
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        if self.group == 1:
+            return logp
+        grid = logp.view(*logp.shape[:2], *([self.levels] * self.group))
+        dims = range(2, 2 + self.group)
+        per = [torch.logsumexp(grid, dim=[d for d in dims if d != j]) for j in dims]
+        return torch.stack(per, dim=2).flatten(1, 2)
+
+    def _trunk(self, x: Tensor, c: Tensor) -> Tensor:
+        for blk in self.blocks:
+            x = blk(x, c)
+        return self.final(self.norm(x), c)
+
+    def _classify(self, h: Tensor, first: int = 0) -> Tensor:
+        """h [N, T, w] for steps first..first+T-1 -> logits [N, T, classes]."""
+        return torch.stack([self.classifiers[first + i](h[:, i]) for i in range(h.shape[1])], dim=1)
+
+
+class ARHead(_HeadBase):
+    """Dimension-wise autoregressive head; see the module docstring."""
+
+    causal = True
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        width = self.pos_embed.shape[-1]
+        self.token_embed = nn.ModuleList(nn.Embedding(self.classes, width) for _ in range(self.steps - 1))
+        self.init_weights()
+
+    def _inputs(self, cond: Tensor, classes: Tensor) -> Tensor:
+        """Sequence [cond, E_0(t_0), ...] for the first 1 + classes.shape[1] steps, with step pos-emb."""
+        parts = [cond[:, None]] + [self.token_embed[i](classes[:, i])[:, None] for i in range(classes.shape[1])]
+        x = torch.cat(parts, dim=1)
+        return x + self.pos_embed[:, :x.shape[1]].to(x.dtype)
+
+    def forward(self, z: Tensor, tokens: Tensor) -> Tensor:
+        """Teacher-forced logits: z [N, cond_dim], tokens [N, C] long (generation order) -> [N, S, classes]."""
+        cond = self.cond_proj(z)
+        x = self._inputs(cond, self.group_tokens(tokens)[:, :-1])
+        c = cond[:, None] + self.step_embed.to(cond.dtype)
+        return self._classify(self._trunk(x, c))
+
+    @torch.no_grad()
+    def sample(self, z: Tensor, temperature: float = 1.0, generator: torch.Generator | None = None,
+               use_cache: bool = True) -> tuple[Tensor, Tensor]:
+        """Sample tokens step by step: z [N, cond_dim] -> (tokens [N, C] long, summed log-prob [N]).
+
+        use_cache=False recomputes the whole prefix at every step (the released code's loop).
+        """
+        N = z.shape[0]
+        uniforms = torch.rand(N, self.steps, device=z.device, generator=generator)
+        cond = self.cond_proj(z)
+        c_all = cond[:, None] + self.step_embed.to(cond.dtype)
+        picked = torch.zeros(N, 0, dtype=torch.long, device=z.device)
+        logp = torch.zeros(N, device=z.device, dtype=torch.promote_types(cond.dtype, torch.float32))
+        caches = None
+        if use_cache:
+            heads, head_dim = self._attn_shape()
+            caches = torch.empty(len(self.blocks), 2, N, heads, self.steps, head_dim, device=z.device, dtype=cond.dtype)
+        for s in range(self.steps):
+            if use_cache:
+                x = self._inputs(cond, picked)[:, s:s + 1] if s == 0 else (
+                    self.token_embed[s - 1](picked[:, s - 1])[:, None] + self.pos_embed[:, s:s + 1].to(cond.dtype))
+                c = c_all[:, s:s + 1]
+                for i, blk in enumerate(self.blocks):
+                    x = blk(x, c, caches[i], s)
+                h = self.final(self.norm(x), c)
+            else:
+                x = self._inputs(cond, picked)
+                h = self._trunk(x, c_all[:, :s + 1])[:, s:s + 1]
+            tok, lp = pick_tokens(self._classify(h, s)[:, 0], uniforms[:, s], temperature)
+            picked = torch.cat([picked, tok[:, None]], dim=1)
+            logp += lp
+        return self.ungroup_tokens(picked), logp
+
+    def _attn_shape(self) -> tuple[int, int]:
+        """(heads, head_dim) read from the first block's attention, through a wrapper if present."""
+        for m in self.blocks[0].modules():
+            if isinstance(m, Attention):
+                return m.num_heads, m.head_dim
+        raise RuntimeError("no Attention module found in the head's first block")
+
+
+class ParallelHead(_HeadBase):
+    """All steps predicted independently from cond (the paper's parallel ablation)."""
+
+    causal = False
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.init_weights()
+
+    def forward(self, z: Tensor, tokens: Tensor | None = None) -> Tensor:
+        """z [N, cond_dim] -> logits [N, S, classes] (tokens unused: no teacher forcing)."""
+        cond = self.cond_proj(z)
+        x = cond[:, None] + self.pos_embed.to(cond.dtype)
+        c = cond[:, None] + self.step_embed.to(cond.dtype)
+        return self._classify(self._trunk(x, c))
+
+    @torch.no_grad()
+    def sample(self, z: Tensor, temperature: float = 1.0, generator: torch.Generator | None = None,
+               use_cache: bool = True) -> tuple[Tensor, Tensor]:
+        """One pass for all steps: z [N, cond_dim] -> (tokens [N, C], summed log-prob [N])."""
+        uniforms = torch.rand(z.shape[0], self.steps, device=z.device, generator=generator)
+        tok, lp = pick_tokens(self.forward(z), uniforms, temperature)
+        return self.ungroup_tokens(tok), lp.sum(dim=1)

@@ -1,0 +1,223 @@
+"""TokenBridge: quantize a continuous latent grid per dimension, model positions with MAR and the
+channels of each position with the dimension-wise AR head.
+
+Training (`forward`): latents -> tokens [B, L, C] -> quantizer indices (the CE targets, permuted into
+the channel generation order) and dequantized values (the MAR input, original channel order) ->
+random MAR mask -> z at every position -> teacher-forced head logits at the masked positions -> CE.
+
+Generation (`generate`): MAR's cosine schedule over `num_iter` steps; at each step MAR runs on the
+tokens known so far, CFG mixes the conditional and unconditional z (z_u + w (z_c - z_u)) and the
+head samples the tokens of the positions chosen for this step. The default path batches both CFG
+branches into one MAR pass and samples the head with a KV cache; `official=True` runs the released
+code's loop (two MAR passes, head prefix recomputed at every channel) with the same random numbers,
+for equivalence tests and speed comparisons.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .head import ARHead, ParallelHead
+from .mar import MAR, truncnorm_mean_ratio
+from .ordering import resolve_order
+from .quantizer import DimensionwiseQuantizer
+from .registry import ModelConfig, resolve
+
+ORDERS = ("random", "raster", "confidence")
+CFG_SCHEDULES = ("linear", "constant")
+
+
+class TokenBridge(nn.Module):
+    """The whole model; `config` is the resolved ModelConfig (no None fields)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        cfg = resolve(config)
+        self.config = cfg
+        self.seq_len = cfg.latent_size ** 2
+        channels = cfg.latent_channels
+        self.quantizer = DimensionwiseQuantizer.from_config(cfg.quantizer, channels=channels)
+        with torch.device("cpu"):  # also when the model is being built under torch.device("meta")
+            perm, inverse = resolve_order(cfg.channel_order, channels)
+        # Plain tuples, not buffers: meta-device builds and to_empty() must not lose them.
+        self.channel_perm: tuple[int, ...] = tuple(perm.tolist())
+        self.channel_inverse: tuple[int, ...] = tuple(inverse.tolist())
+        self.mar = MAR(self.seq_len, channels, cfg.width, cfg.encoder_depth, cfg.decoder_depth, cfg.num_heads,
+                       cfg.num_classes, cfg.buffer_size, cfg.mlp_ratio, cfg.dropout, cfg.attn_dropout,
+                       cfg.label_drop, cfg.mask_ratio_min)
+        head_cls = ARHead if cfg.head_type == "ar" else ParallelHead
+        self.head = head_cls(cfg.width, cfg.head_width, cfg.head_depth, cfg.head_num_heads, channels,
+                             cfg.quantizer.levels, cfg.channel_group, cfg.mlp_ratio, cfg.dropout, cfg.attn_dropout)
+
+    def init_weights(self) -> None:
+        """Re-initialize everything (e.g. after `to_empty()` of a meta-built model)."""
+        self.mar.init_weights()
+        self.head.init_weights()
+        self.quantizer.reset_parameters()
+
+    def checkpoint_block_lists(self) -> list[nn.ModuleList]:
+        """Every transformer block list; the engine may replace entries by checkpointing wrappers."""
+        return [self.mar.encoder_blocks, self.mar.decoder_blocks, self.head.blocks]
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _to_tokens(self, latents: Tensor) -> Tensor:
+        """[B, C, h, w] -> [B, L, C], checking the shape against the config."""
+        c, s = self.config.latent_channels, self.config.latent_size
+        if latents.dim() != 4 or tuple(latents.shape[1:]) != (c, s, s):
+            raise ValueError(f"latents must be [B, {c}, {s}, {s}] for this model config, got {tuple(latents.shape)}")
+        return latents.flatten(2).transpose(1, 2)
+
+    def _from_tokens(self, tokens: Tensor) -> Tensor:
+        """[B, L, C] -> [B, C, h, w]."""
+        s = self.config.latent_size
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, s, s)
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return self.mar.fake_latent.dtype
+
+    # -- training --------------------------------------------------------------------------------
+    def forward(self, latents: Tensor, labels: Tensor, mask: Tensor | None = None) -> dict[str, Tensor]:
+        """latents: scaled continuous latents [B, C, h, w]; labels long [B].
+
+        mask (optional, bool [B, L], True = predicted; equal count per row) replaces the random MAR
+        mask. -> {"loss": scalar, "ce_per_channel": [C] (detached, in generation order)}.
+        loss = sum of the CE of all head steps / C, averaged over masked positions (nats per channel).
+        For channel_group > 1, ce_per_channel holds each channel's marginal CE.
+        """
+        x = self._to_tokens(latents)
+        idx = self.quantizer.quantize(x, channel_dim=-1).long()
+        values = self.quantizer.dequantize(idx, channel_dim=-1, dtype=latents.dtype)
+        targets = idx[..., list(self.channel_perm)]
+        if mask is None:
+            orders = self.mar.sample_orders(x.shape[0], x.device)
+            mask = MAR.mask_from_orders(orders, self.mar.sample_mask_count())
+        z = self.mar(values, mask, labels)
+        tgt = targets[mask]
+        logits = self.head(z[mask], tgt)
+        steps = logits.shape[1]
+        ce = F.cross_entropy(logits.float().flatten(0, 1), self.head.group_tokens(tgt).flatten(),
+                             reduction="none").view(-1, steps).mean(0)
+        if self.head.group == 1:
+            per_channel = ce.detach()
+        else:
+            logp = self.head.marginal_logprobs(logits.detach())
+            per_channel = -logp.gather(-1, tgt[..., None])[..., 0].mean(0)
+        return {"loss": ce.sum() / self.config.latent_channels, "ce_per_channel": per_channel}
+
+    def flops_per_sample(self) -> float:
+        """Training FLOPs per image (forward + backward = 3x forward), matmuls and attention only.
+
+        Uses the expected MAR mask ratio; the encoder sees buffer + known tokens, the decoder all
+        buffer + L tokens, the head runs C/k steps at every masked position (causal attention
+        counted as half a square).
+        """
+        cfg, L = self.config, self.seq_len
+        w, hw, buf = cfg.width, cfg.head_width, cfg.buffer_size
+        masked = L * truncnorm_mean_ratio(cfg.mask_ratio_min)
+        enc, dec = buf + L - masked, buf + L
+        block = (4 + 2 * cfg.mlp_ratio) * w * w  # multiply-adds per token per ViT block
+        macs = L * cfg.latent_channels * w + enc * w * w  # z_proj, decoder_embed
+        macs += cfg.encoder_depth * (enc * block + 2 * enc * enc * w)
+        macs += cfg.decoder_depth * (dec * block + 2 * dec * dec * w)
+        steps, classes = self.head.steps, self.head.classes
+        head_block = (4 + 2 * cfg.mlp_ratio + 6) * hw * hw  # attention + MLP + adaLN modulation
+        attn_pairs = steps * (steps + 1) / 2 if cfg.head_type == "ar" else steps * steps
+        per_pos = w * hw + steps * (cfg.head_depth * head_block + 2 * hw * hw + hw * classes)
+        per_pos += cfg.head_depth * 2 * attn_pairs * hw
+        macs += masked * per_pos
+        return 3 * 2 * macs
+
+    # -- generation ------------------------------------------------------------------------------
+    def guided_features(self, values: Tensor, mask: Tensor, labels: Tensor, weight: float | None,
+                        two_pass: bool = False) -> Tensor:
+        """MAR output with CFG: values [B, L, C], mask bool [B, L] -> z [B, L, width].
+
+        weight None: conditional branch only. Otherwise z_u + weight (z_c - z_u), with both branches
+        in one batched MAR pass, or two passes (the released code) if two_pass.
+        """
+        if weight is None:
+            return self.mar(values, mask, labels)
+        fake = torch.full_like(labels, self.config.num_classes)
+        if two_pass:
+            z_c, z_u = self.mar(values, mask, labels), self.mar(values, mask, fake)
+        else:
+            z_c, z_u = self.mar(torch.cat([values, values]), torch.cat([mask, mask]),
+                                torch.cat([labels, fake])).chunk(2)
+        return z_u + weight * (z_c - z_u)
+
+    def _sample_at(self, z: Tensor, positions: Tensor, temperature: float, generator: torch.Generator | None,
+                   use_cache: bool) -> tuple[Tensor, Tensor]:
+        """Head samples at positions [B, n] of z [B, L, w] -> (tokens [B, n, C] original channel order, log p [B, n])."""
+        B, n = positions.shape
+        zsel = z.gather(1, positions[..., None].expand(-1, -1, z.shape[-1])).flatten(0, 1)
+        tok, logp = self.head.sample(zsel, temperature, generator, use_cache)
+        return tok[:, list(self.channel_inverse)].view(B, n, -1), logp.view(B, n)
+
+    @torch.no_grad()
+    def generate(self, labels: Tensor, num_iter: int = 64, cfg: float = 1.0, cfg_schedule: str = "linear",
+                 temperature: float = 1.0, order: str = "random", generator: torch.Generator | None = None,
+                 official: bool = False) -> Tensor:
+        """Sample latents for class labels [B] (value num_classes = unconditional) -> scaled latents [B, C, h, w].
+
+        MAR's schedule: after step s, floor(L cos(pi/2 (s+1)/num_iter)) positions stay masked, at
+        least one position is predicted per step while more than one is left, the last step predicts
+        all that remain; a step with nothing to predict is skipped (num_iter > L). Guidance weight:
+        "linear" 1 + (cfg - 1)(L - mask_len)/L as MAR, or "constant" cfg; cfg == 1 runs no
+        unconditional branch. order: "random" (a random permutation per sample), "raster", or
+        "confidence" (the head samples every masked position; the ones whose tokens have the highest
+        summed log-probability are kept). temperature 0 = argmax. Runs in eval mode.
+        """
+        if num_iter < 1:
+            raise ValueError(f"num_iter must be >= 1, got {num_iter}")
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
+        if cfg_schedule not in CFG_SCHEDULES:
+            raise ValueError(f"cfg_schedule must be one of {', '.join(CFG_SCHEDULES)}, got {cfg_schedule!r}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        was_training = self.training
+        self.eval()
+        try:
+            return self._generate(labels, num_iter, cfg, cfg_schedule, temperature, order, generator, official)
+        finally:
+            self.train(was_training)
+
+    def _generate(self, labels: Tensor, num_iter: int, cfg: float, cfg_schedule: str, temperature: float,
+                  order: str, generator: torch.Generator | None, official: bool) -> Tensor:
+        B, L, C = labels.shape[0], self.seq_len, self.config.latent_channels
+        device = labels.device
+        if order == "random":
+            score = torch.rand(B, L, device=device, generator=generator)
+        else:
+            score = -torch.arange(L, device=device, dtype=torch.float32).expand(B, L)
+        tokens = torch.zeros(B, L, C, dtype=torch.long, device=device)
+        mask = torch.ones(B, L, dtype=torch.bool, device=device)
+        remaining = L
+        for step in range(num_iter):
+            mask_len = max(1, min(remaining - 1, math.floor(L * math.cos(math.pi / 2 * (step + 1) / num_iter))))
+            n = remaining if step == num_iter - 1 else remaining - mask_len
+            if n <= 0:
+                continue
+            weight = None
+            if cfg != 1.0:
+                weight = 1 + (cfg - 1) * (L - mask_len) / L if cfg_schedule == "linear" else cfg
+            values = self.quantizer.dequantize(tokens, channel_dim=-1, dtype=self._dtype)
+            z = self.guided_features(values, mask, labels, weight, two_pass=official)
+            if order == "confidence":
+                cand = mask.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :remaining]
+                tok, logp = self._sample_at(z, cand, temperature, generator, not official)
+                top = logp.topk(n, dim=1).indices
+                positions = cand.gather(1, top)
+                tok = tok.gather(1, top[..., None].expand(-1, -1, C))
+            else:
+                positions = score.masked_fill(~mask, -math.inf).topk(n, dim=1).indices
+                tok, _ = self._sample_at(z, positions, temperature, generator, not official)
+            tokens.scatter_(1, positions[..., None].expand(-1, -1, C), tok)
+            mask.scatter_(1, positions, False)
+            remaining -= n
+        return self._from_tokens(self.quantizer.dequantize(tokens, channel_dim=-1))

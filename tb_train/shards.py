@@ -117,25 +117,30 @@ class _Entry:
     indices: tuple[int, int] | None
 
 
-def index_tar(path: str | os.PathLike) -> list[_Entry]:
-    """Scan a shard's tar headers once (no data read) -> its samples' member byte ranges, in tar order."""
-    groups: dict[str, dict[str, tuple[int, int]]] = {}
-    order: list[str] = []
+def tar_members(path: str | os.PathLike) -> list[tuple[str, int, int]]:
+    """Scan a tar's headers once (no member data is read) -> [(name, data offset, size)] of its files."""
     try:
         with tarfile.open(path, mode="r:") as tar:
-            for m in tar:
-                if not m.isfile():
-                    continue
-                key, _, ext = m.name.partition(".")
-                if key not in groups:
-                    groups[key] = {}
-                    order.append(key)
-                groups[key][ext] = (m.offset_data, m.size)
+            return [(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
     except (tarfile.TarError, OSError) as e:
-        raise ShardError(f"shard {path}: unreadable tar ({e})") from None
+        raise ShardError(f"tar {path}: unreadable ({e})") from None
+
+
+def group_members(members: list[tuple[str, int, int]]) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    """Group tar members into webdataset samples: key = name up to the first dot of the base name,
+    extension = the rest -> [(key, {ext: (offset, size)})] in tar order."""
+    groups: dict[str, dict[str, tuple[int, int]]] = {}
+    for name, offset, size in members:
+        head, _, base = name.rpartition("/")
+        stem, _, ext = base.partition(".")
+        groups.setdefault(f"{head}/{stem}" if head else stem, {})[ext] = (offset, size)
+    return list(groups.items())
+
+
+def index_tar(path: str | os.PathLike) -> list[_Entry]:
+    """A shard's samples with their members' byte ranges, in tar order (headers scanned once)."""
     entries = []
-    for key in order:
-        g = groups[key]
+    for key, g in group_members(tar_members(path)):
         if "moments.npy" not in g or "cls" not in g:
             raise ShardError(f"shard {path}: sample {key} lacks moments.npy or cls")
         entries.append(_Entry(key, g["moments.npy"], g["cls"], g.get("indices.npy")))
@@ -257,5 +262,5 @@ class LatentShards:
 
 __all__ = [
     "FORMAT", "MANIFEST", "STATS", "REJECTED", "ShardError", "shard_name", "sample_key", "sha256_file",
-    "write_shard", "index_tar", "read_manifest", "LatentShards",
+    "write_shard", "tar_members", "group_members", "index_tar", "read_manifest", "LatentShards",
 ]

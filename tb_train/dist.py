@@ -1,0 +1,123 @@
+"""Rank/world detection and the process group, for every way a job is started.
+
+One function, `init_distributed()`, makes the same training code run under `torchrun`, the `deepspeed`
+launcher, Slurm/submitit tasks, or as a plain single process (no launcher, no environment): it fills
+the `env://` variables torch expects from whatever the launcher provided, picks the backend (nccl when a
+GPU is visible, gloo on CPU) and creates the process group through DeepSpeed so its communication layer
+is initialised too. The rest of the code only reads `DistInfo` and calls the small collectives below.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as tdist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world: int
+    local_rank: int
+    local_world: int
+    backend: str          # "nccl" or "gloo"
+    device: torch.device  # this rank's compute device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _slurm_master_addr() -> str:
+    """First host of the Slurm allocation (what submitit and srun-based recipes use as rendezvous)."""
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if not nodelist:
+        return "127.0.0.1"
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             check=True, timeout=30).stdout.split()
+        return out[0] if out else "127.0.0.1"
+    except (OSError, subprocess.SubprocessError):
+        return nodelist.split(",")[0]
+
+
+def export_env() -> None:
+    """Fill RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT for `env://` from the launcher's variables.
+
+    torchrun and the deepspeed launcher already set them; Slurm sets SLURM_* only; a bare process sets
+    nothing and becomes rank 0 of 1 on a free local port.
+    """
+    env = os.environ
+    if "RANK" not in env and "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        env["RANK"] = env["SLURM_PROCID"]
+        env["WORLD_SIZE"] = env["SLURM_NTASKS"]
+        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+        env.setdefault("LOCAL_WORLD_SIZE", env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])
+        env.setdefault("MASTER_ADDR", _slurm_master_addr())
+        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+    if "RANK" not in env:
+        env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["LOCAL_WORLD_SIZE"] = "0", "1", "0", "1"
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(_free_port()))
+    env.setdefault("LOCAL_RANK", "0")
+    env.setdefault("WORLD_SIZE", "1")
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+
+
+def init_distributed(timeout_s: int = 1800) -> DistInfo:
+    """Create (or reuse) the default process group; returns this process's place in it."""
+    export_env()
+    import deepspeed  # heavy import, only for jobs that need it
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ["LOCAL_RANK"])
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
+    if torch.cuda.is_available():
+        backend, device = "nccl", torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        backend, device = "gloo", torch.device("cpu")
+    if not tdist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                                   timeout=timedelta(seconds=timeout_s), rank=rank, world_size=world)
+    return DistInfo(rank, world, local_rank, local_world, backend, device)
+
+
+def any_flag(flag: bool, device: torch.device) -> bool:
+    """True on every rank if `flag` is True on any rank (all_reduce MAX); the step-boundary agreement."""
+    if not tdist.is_initialized() or tdist.get_world_size() == 1:
+        return bool(flag)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Average a small tensor over ranks (for logging losses that every rank computed on its own slice)."""
+    if not tdist.is_initialized() or tdist.get_world_size() == 1:
+        return values
+    values = values.clone()
+    tdist.all_reduce(values, op=tdist.ReduceOp.SUM)
+    return values / tdist.get_world_size()
+
+
+def barrier() -> None:
+    if tdist.is_initialized():
+        tdist.barrier()
+
+
+def shutdown() -> None:
+    """Barrier, then destroy the group once (a missing destroy aborts the process at exit with gloo)."""
+    if tdist.is_initialized():
+        tdist.barrier()
+        tdist.destroy_process_group()

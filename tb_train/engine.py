@@ -1,0 +1,325 @@
+"""The DeepSpeed training engine: ZeRO config, AdamW groups, LR schedule, activation checkpointing, step.
+
+`build_engine` turns an `EngineConfig` + `OptimConfig` into a `TrainEngine`:
+- the ZeRO stage and its tuning come from a JSON file (`configs/deepspeed/zero{0,1,2,3}.json`); batch,
+  precision, clipping and optimizer fields are filled from the job config, so there is one source of truth;
+- the model is built inside `deepspeed.zero.Init` for stage 3 (parameters are born partitioned);
+- activation checkpointing is applied from outside the model to each block of
+  `model.checkpoint_block_lists()` by wrapping it in `CheckpointedBlock` (state-dict keys unchanged);
+- AdamW (torch's implementation) with no weight decay on biases, 1-D parameters and embeddings;
+- the LR follows linear warmup then cosine decay by optimizer step (configured in epochs).
+
+`TrainEngine.step` runs one optimizer step over a rank's micro-batches, seeding the model's randomness per
+micro-batch (the Randomness rule of INTERFACES.md) and skipping the update when any loss is not finite.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from tb_train.config import ConfigError
+from tb_train.dist import DistInfo, mean_over_ranks
+
+DEEPSPEED_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "deepspeed"
+# Fields of the DeepSpeed JSON that the job config owns; a JSON that sets them is rejected, not overridden.
+JOB_OWNED_DS_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                     "gradient_clipping", "optimizer", "scheduler", "bf16", "fp16")
+CKPT_INNER = "ckpt_inner"  # attribute name of the wrapped block; removed from every exported name
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its schedule. Defaults are the paper's table (DESIGN.md §4)."""
+    lr: float = 8e-4                            # peak learning rate (absolute, for the global batch)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.02
+    no_decay_embeddings: bool = True            # also exempt embedding tables / position embeddings
+    warmup_epochs: float = 200.0                # linear warmup from 0
+    epochs: float = 800.0                       # schedule length: cosine reaches min_lr here
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr: float = 0.0
+    grad_clip: float = 1.0                      # max global grad norm; 0 = off
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.epochs <= 0 or self.warmup_epochs < 0 or self.grad_clip < 0:
+            raise ValueError("lr and epochs must be > 0, warmup_epochs and grad_clip >= 0")
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"warmup_epochs {self.warmup_epochs} exceeds epochs {self.epochs}")
+
+
+@dataclass
+class EngineConfig:
+    """How the model is trained on the machines: ZeRO stage, precision, accumulation, checkpointing."""
+    deepspeed: str = "zero2"                    # name in configs/deepspeed/ or a path to a JSON file
+    ds_overrides: dict[str, Any] = field(default_factory=dict)  # deep-merged into that JSON
+    precision: Literal["bf16", "fp32"] = "bf16"
+    grad_accum: int = 1                         # micro-batches per rank per optimizer step
+    activation_checkpointing: Literal["none", "full", "every_k"] = "none"
+    checkpoint_k: int = 2                       # every_k: blocks 0, k, 2k, ... of each list
+    ema_decay: float = 0.9999
+    nonfinite_patience: int = 5                 # stop after more than this many non-finite steps in a row
+
+    def __post_init__(self) -> None:
+        if self.grad_accum < 1 or self.checkpoint_k < 1:
+            raise ValueError("grad_accum and checkpoint_k must be >= 1")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+def derive_seed(seed: int, step: int, micro_id: int, stream: int) -> int:
+    """A 63-bit seed from (seed, step, micro_id, stream): independent streams for posterior noise (1) and
+    the model's own randomness (0), identical for any world size / accumulation split."""
+    digest = hashlib.blake2b(f"{seed}/{step}/{micro_id}/{stream}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def lr_at(cfg: OptimConfig, step: int, steps_per_epoch: int) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup from 0, then cosine/constant."""
+    warmup = cfg.warmup_epochs * steps_per_epoch
+    total = cfg.epochs * steps_per_epoch
+    if step < warmup:
+        return cfg.lr * step / warmup
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = min(1.0, (step - warmup) / max(total - warmup, 1e-12))
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ----------------------------------------------------------------------------- activation checkpointing
+
+def canonical_name(name: str) -> str:
+    """Parameter/state name with the checkpoint wrappers removed (what the bare model calls it)."""
+    return name.replace(f".{CKPT_INNER}.", ".").replace(f"{CKPT_INNER}.", "")
+
+
+class CheckpointedBlock(nn.Module):
+    """Recomputes `inner` in backward instead of storing its activations.
+
+    The wrapped block is called through its own `__call__` inside `checkpoint(..., use_reentrant=False)`,
+    so module hooks (ZeRO-3's parameter fetch) run again during recompute; the RNG state is replayed so
+    dropout masks match. State-dict keys are those of the unwrapped model (hooks strip/add the prefix).
+    """
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        setattr(self, CKPT_INNER, inner)
+        self.register_state_dict_post_hook(_strip_inner_prefix)
+        self.register_load_state_dict_pre_hook(_add_inner_prefix)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        inner = getattr(self, CKPT_INNER)
+        if not (torch.is_grad_enabled() and self.training):
+            return inner(*args, **kwargs)
+        return checkpoint(inner, *args, use_reentrant=False, **kwargs)
+
+
+def _strip_inner_prefix(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+    inner = f"{prefix}{CKPT_INNER}."
+    for key in [k for k in state_dict if k.startswith(inner)]:
+        state_dict[prefix + key[len(inner):]] = state_dict.pop(key)
+
+
+def _add_inner_prefix(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    inner = f"{prefix}{CKPT_INNER}."
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]:
+        state_dict[inner + key[len(prefix):]] = state_dict.pop(key)
+
+
+def apply_activation_checkpointing(model: nn.Module, policy: str, k: int = 2) -> int:
+    """Wrap blocks of every list in `model.checkpoint_block_lists()`; returns how many were wrapped.
+
+    policy: "none" (nothing), "full" (every block), "every_k" (blocks 0, k, 2k, ... of each list).
+    """
+    if policy == "none":
+        return 0
+    wrapped = 0
+    for blocks in model.checkpoint_block_lists():
+        for i in range(len(blocks)):
+            if (policy == "full" or i % k == 0) and not isinstance(blocks[i], CheckpointedBlock):
+                blocks[i] = CheckpointedBlock(blocks[i])
+                wrapped += 1
+    return wrapped
+
+
+# ----------------------------------------------------------------------------- optimizer groups
+
+def _shape(p: nn.Parameter) -> torch.Size:
+    return getattr(p, "ds_shape", p.shape)  # ZeRO-3 parameters are empty shells outside forward
+
+
+def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """Two AdamW groups: decayed weights and the exempt ones (biases, 1-D params, embeddings)."""
+    exempt_ids: set[int] = set()
+    for mod in model.modules():
+        for pname, p in mod.named_parameters(recurse=False):
+            embedding = isinstance(mod, nn.Embedding) or "embed" in pname
+            if len(_shape(p)) <= 1 or pname == "bias" or (cfg.no_decay_embeddings and embedding):
+                exempt_ids.add(id(p))
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if id(p) in exempt_ids else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay, "name": "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    return [g for g in groups if g["params"]]
+
+
+# ----------------------------------------------------------------------------- DeepSpeed config
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else value
+    return out
+
+
+def resolve_deepspeed_file(spec: str) -> Path:
+    """`zero2` → configs/deepspeed/zero2.json; anything with a suffix or a slash is a path."""
+    path = Path(spec) if (spec.endswith(".json") or "/" in spec) else DEEPSPEED_CONFIG_DIR / f"{spec}.json"
+    if not path.is_file():
+        raise ConfigError(f"engine.deepspeed: DeepSpeed config '{path}' not found")
+    return path
+
+
+def deepspeed_config(cfg: EngineConfig, optim: OptimConfig, micro_batch: int, world: int,
+                     load_universal: bool = False) -> dict:
+    """The dict passed to deepspeed.initialize: the JSON file + overrides + the job-owned fields."""
+    path = resolve_deepspeed_file(cfg.deepspeed)
+    try:
+        base = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: invalid JSON: {e}") from None
+    for key in JOB_OWNED_DS_KEYS:
+        if key in base or key in cfg.ds_overrides:
+            raise ConfigError(f"{path}: key '{key}' is set by the job config (data/optim/engine), remove it")
+    ds = _deep_merge(base, copy.deepcopy(cfg.ds_overrides))
+    if "stage" not in ds.get("zero_optimization", {}):
+        raise ConfigError(f"{path}: missing 'zero_optimization.stage'")
+    ds.update({
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_batch_size": micro_batch * cfg.grad_accum * world,
+        "gradient_clipping": optim.grad_clip,
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps,
+            "weight_decay": optim.weight_decay, "torch_adam": True}},
+    })
+    ds.setdefault("steps_per_print", 10 ** 9)
+    ds.setdefault("checkpoint", {})["load_universal"] = load_universal
+    return ds
+
+
+# ----------------------------------------------------------------------------- the engine
+
+@dataclass
+class StepResult:
+    loss: float                  # mean over micro-batches and ranks (nan when skipped)
+    ce_per_channel: torch.Tensor  # [C] mean over micro-batches and ranks
+    grad_norm: float | None
+    lr: float
+    skipped: bool                # non-finite loss somewhere: no optimizer update, no EMA update
+
+
+@dataclass
+class MicroInput:
+    """One micro-batch ready for the model: scaled latents [b, C, h, w], labels [b], and the seed of the
+    model's own randomness (masks, label drop, dropout) for this (step, micro_id)."""
+    latents: torch.Tensor
+    labels: torch.Tensor
+    seed: int
+
+
+class TrainEngine:
+    """A DeepSpeed engine with our step (seeding, non-finite skip, LR by step) and the per-partition EMA."""
+
+    def __init__(self, engine: Any, cfg: EngineConfig, optim: OptimConfig, dist: DistInfo):
+        from tb_train.ema import ShardedEMA
+
+        self.ds = engine
+        self.cfg, self.optim, self.dist = cfg, optim, dist
+        self.stage = engine.zero_optimization_stage()
+        self.dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+        self.ema = ShardedEMA(engine.module, cfg.ema_decay, dist)
+        self.nonfinite_in_a_row = 0
+        self.nonfinite_total = 0
+
+    @property
+    def module(self) -> nn.Module:
+        return self.ds.module
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.ds.optimizer.param_groups:
+            group["lr"] = lr
+
+    def _discard_grads_if_unguarded(self) -> None:
+        """DeepSpeed's ZeRO and bf16 optimizers skip a step whose gradient norm is not finite; plain
+        stage 0 in fp32 does not, so there the gradients are dropped and torch's AdamW skips every param."""
+        if not hasattr(self.ds.optimizer, "overflow"):
+            for p in self.ds.module.parameters():
+                p.grad = None
+
+    def step(self, micro: list[MicroInput], lr: float) -> StepResult:
+        """Forward/backward every micro-batch of this rank, then one optimizer step (or a skipped one)."""
+        assert len(micro) == self.cfg.grad_accum, "one MicroInput per accumulation step"
+        self.set_lr(lr)
+        self.ds.train()
+        stats = None
+        for j, mb in enumerate(micro):
+            torch.manual_seed(mb.seed)
+            latents = mb.latents.to(self.dist.device, self.dtype)
+            out = self.ds(latents, mb.labels.to(self.dist.device))
+            loss = out["loss"]
+            finite = bool(torch.isfinite(loss.detach()).item())
+            # A non-finite loss poisons every gradient with NaN, so the (all-reduced) gradient norm is NaN
+            # on all ranks and the optimizer skips the update together.
+            self.ds.backward(loss if finite else loss * float("nan"))
+            row = torch.cat([loss.detach().float().reshape(1), out["ce_per_channel"].detach().float(),
+                             torch.tensor([0.0 if finite else 1.0], device=loss.device)])
+            stats = row if stats is None else stats + row
+            if j == len(micro) - 1:
+                stats = mean_over_ranks(stats / len(micro))
+                skipped = bool(stats[-1].item() > 0)
+                if skipped:
+                    self._discard_grads_if_unguarded()
+            self.ds.step()
+        if skipped:
+            if getattr(self.ds.optimizer, "overflow", True) is not True:
+                raise RuntimeError("non-finite loss but DeepSpeed applied the update; refusing to continue")
+            self.nonfinite_in_a_row += 1
+            self.nonfinite_total += 1
+        else:
+            self.nonfinite_in_a_row = 0
+            self.ema.update()
+        grad_norm = self.ds.get_global_grad_norm()
+        grad_norm = None if grad_norm is None else float(grad_norm)
+        loss_value = float("nan") if skipped else float(stats[0].item())
+        return StepResult(loss_value, stats[1:-1].cpu(), grad_norm, lr, skipped)
+
+
+def build_engine(model_fn: Callable[[], nn.Module], cfg: EngineConfig, optim: OptimConfig, micro_batch: int,
+                 dist: DistInfo, load_universal: bool = False) -> TrainEngine:
+    """Build the model (partitioned at birth for ZeRO-3), wrap blocks, and initialise DeepSpeed."""
+    import deepspeed
+
+    ds_config = deepspeed_config(cfg, optim, micro_batch, dist.world, load_universal)
+    if ds_config["zero_optimization"]["stage"] == 3:
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+            model = model_fn()
+    else:
+        model = model_fn()
+    apply_activation_checkpointing(model, cfg.activation_checkpointing, cfg.checkpoint_k)
+    groups = param_groups(model, optim)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
+    return TrainEngine(engine, cfg, optim, dist)

@@ -1,0 +1,246 @@
+"""Shared pieces of the engine/resume/export tests: rank launcher, synthetic shards, a small model.
+
+Distributed tests start `world` plain Python processes (one per rank, env:// rendezvous on a free port,
+gloo) in ONE process group, so a test can SIGKILL or SIGTERM the whole job like a scheduler would. This
+file is also the worker script those processes run: `python tests/fixtures_engine.py MODE ARGS_JSON`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+LATENT_C, LATENT_HW, NUM_CLASSES = 4, 4, 10
+
+
+# ----------------------------------------------------------------------------- processes
+
+def worker_env(rank: int, world: int, port: int) -> dict:
+    env = dict(os.environ)
+    env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
+               PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Job:
+    """`world` rank processes in one process group (rank 0 leads it)."""
+
+    def __init__(self, argv: list[str], world: int, log_dir: Path):
+        port = free_port()
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.procs: list[subprocess.Popen] = []
+        self.logs = [log_dir / f"rank{r}.log" for r in range(world)]
+        for r in range(world):
+            kwargs = {"process_group": 0} if r == 0 else {"process_group": self.procs[0].pid}
+            self.procs.append(subprocess.Popen([sys.executable, *argv], env=worker_env(r, world, port),
+                                               stdout=open(self.logs[r], "w"), stderr=subprocess.STDOUT,
+                                               cwd=REPO, **kwargs))
+        self.pgid = self.procs[0].pid
+
+    def signal(self, sig: int) -> None:
+        os.killpg(self.pgid, sig)
+
+    def wait(self, timeout: float = 300) -> list[int]:
+        deadline = time.monotonic() + timeout
+        codes = []
+        for p in self.procs:
+            try:
+                codes.append(p.wait(timeout=max(1.0, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                self.signal(signal.SIGKILL)
+                raise AssertionError(f"job timed out; rank logs:\n{self.log_text()}") from None
+        return codes
+
+    def log_text(self, tail: int = 4000) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-tail:]}" for p in self.logs if p.exists())
+
+
+def run_job(argv: list[str], world: int, log_dir: Path, timeout: float = 300, expect: int = 0) -> Job:
+    job = Job(argv, world, log_dir)
+    codes = job.wait(timeout)
+    assert codes == [expect] * world, f"exit codes {codes}\n{job.log_text()}"
+    return job
+
+
+def run_worker(mode: str, args: dict, world: int, log_dir: Path, timeout: float = 300) -> dict:
+    """Run this file's `mode` on `world` ranks; returns the JSON that rank 0 wrote."""
+    out = log_dir / f"{mode}.json"
+    run_job([__file__, mode, json.dumps(dict(args, out=str(out)))], world, log_dir, timeout)
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="session")
+def deepspeed_warm(tmp_path_factory) -> None:
+    """Compile DeepSpeed's CPU comm op once (20-30 s cold), before ranks would race to build it."""
+    run_job([__file__, "warm", "{}"], 1, tmp_path_factory.mktemp("ds_warm"), timeout=600)
+
+
+# ----------------------------------------------------------------------------- synthetic shards
+
+def write_latent_folder(folder: Path, num_samples: int = 64, per_shard: int = 16, seed: int = 0,
+                        channels: int = LATENT_C, hw: int = LATENT_HW) -> Path:
+    """A precomputed-latents folder in the tb_train.shards format with random moments."""
+    from tb_train.shards import FORMAT, sample_key, shard_name, write_shard
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for s in range(0, num_samples, per_shard):
+        samples = []
+        for i in range(s, min(s + per_shard, num_samples)):
+            mean = rng.normal(0, 3, (2, channels, hw, hw))
+            logvar = rng.normal(-4, 0.5, (2, channels, hw, hw))
+            moments = np.concatenate([mean, logvar], axis=1).astype(np.float16)
+            samples.append((sample_key(i), moments, int(rng.integers(0, NUM_CLASSES))))
+        name = shard_name(len(shards))
+        shards.append({"name": name, "count": len(samples), "sha256": write_shard(folder / name, samples)})
+    manifest = {"format": FORMAT, "num_samples": num_samples, "samples_per_shard": per_shard, "shards": shards,
+                "vae": {"identity": "synthetic", "scale": 0.2325, "latent_channels": channels, "downsample": 16},
+                "resolution": hw * 16, "classes": [f"c{i}" for i in range(NUM_CLASSES)], "num_rejected": 0,
+                "quantizer": None}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    (folder / "stats.json").write_text(json.dumps({"num_samples": num_samples, "mean": [0.0] * channels,
+                                                   "std": [1.0] * channels,
+                                                   "channel_order": list(range(channels))}))
+    return folder
+
+
+# ----------------------------------------------------------------------------- a small stand-in model
+
+class _Block(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc1, self.fc2 = nn.Linear(width, 2 * width), nn.Linear(2 * width, width)
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop(self.fc2(torch.nn.functional.gelu(self.fc1(self.norm(x)))))
+
+
+class StandInModel(nn.Module):
+    """The TokenBridge training interface on a tiny masked token model: random masks, dropout, CE per
+    channel over 8 bins, two block lists for activation checkpointing."""
+
+    levels = 8
+
+    def __init__(self, channels: int = LATENT_C, hw: int = LATENT_HW, width: int = 32):
+        super().__init__()
+        self.channels, self.tokens = channels, hw * hw
+        self.class_embed = nn.Embedding(NUM_CLASSES, width)
+        self.pos_embed = nn.Parameter(torch.randn(1, self.tokens, width) * 0.02)
+        self.proj = nn.Linear(channels, width)
+        self.encoder = nn.ModuleList(_Block(width) for _ in range(2))
+        self.decoder = nn.ModuleList(_Block(width) for _ in range(2))
+        self.head = nn.Linear(width, channels * self.levels)
+
+    def checkpoint_block_lists(self) -> list[nn.ModuleList]:
+        return [self.encoder, self.decoder]
+
+    def forward(self, latents: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        b = latents.shape[0]
+        x = latents.flatten(2).transpose(1, 2)                        # [B, L, C]
+        target = torch.bucketize(x.detach().float(), torch.linspace(-2, 2, self.levels - 1))
+        mask = (torch.rand(b, self.tokens, device=x.device) < 0.7).to(x.dtype)
+        h = self.proj(x * (1 - mask)[..., None]) + self.pos_embed + self.class_embed(labels)[:, None]
+        for blk in list(self.encoder) + list(self.decoder):
+            h = blk(h)
+        logits = self.head(h).view(b, self.tokens, self.channels, self.levels)
+        ce = nn.functional.cross_entropy(logits.flatten(0, 2).float(), target.flatten(), reduction="none")
+        ce = ce.view(b, self.tokens, self.channels)
+        weight = mask[..., None].float().expand_as(ce)
+        ce_per_channel = (ce * weight).sum((0, 1)) / weight.sum((0, 1)).clamp_min(1)
+        return {"loss": ce_per_channel.mean(), "ce_per_channel": ce_per_channel}
+
+
+# ----------------------------------------------------------------------------- worker modes
+
+def _synthetic_micro(step: int, micro_id: int, micro_batch: int, seed: int = 0):
+    g = torch.Generator().manual_seed(1000 * step + micro_id)
+    latents = torch.randn(micro_batch, LATENT_C, LATENT_HW, LATENT_HW, generator=g)
+    labels = torch.randint(0, NUM_CLASSES, (micro_batch,), generator=g)
+    from tb_train.engine import MicroInput, derive_seed
+    return MicroInput(latents, labels, derive_seed(seed, step, micro_id, 0))
+
+
+def _engine_matrix(args: dict) -> dict:
+    """Per (stage, policy): losses of `steps` steps and the full gradients of the first step."""
+    import deepspeed
+    from tb_train.dist import init_distributed
+    from tb_train.engine import EngineConfig, OptimConfig, build_engine
+
+    dist = init_distributed()
+    world, accum, mb = dist.world, args["accum"], args["micro_batch"]
+    optim = OptimConfig(lr=1e-2, warmup_epochs=0, epochs=1, schedule="constant", grad_clip=1.0)
+    results = {}
+    for stage in args["stages"]:
+        for policy in args["policies"]:
+            torch.manual_seed(0)
+            cfg = EngineConfig(deepspeed=f"zero{stage}", precision="fp32", grad_accum=accum,
+                               activation_checkpointing=policy, ema_decay=args.get("ema_decay", 0.9),
+                               ds_overrides={"zero_optimization": {"stage3_param_persistence_threshold": 0}}
+                               if stage == 3 else {})
+            eng = build_engine(StandInModel, cfg, optim, mb, dist)
+            grads: dict[str, list] = {}
+            real_step = eng.ds.step
+
+            def capture_then_step(real_step=real_step, eng=eng, grads=grads):
+                if not grads and eng.ds.is_gradient_accumulation_boundary():
+                    for n, p in eng.module.named_parameters():
+                        from tb_train.engine import canonical_name
+                        g = deepspeed.utils.safe_get_full_grad(p)
+                        grads[canonical_name(n)] = g.flatten().tolist()
+                return real_step()
+
+            eng.ds.step = capture_then_step
+            losses = []
+            for step in range(args["steps"]):
+                micro = [_synthetic_micro(step, dist.rank * accum + j, mb) for j in range(accum)]
+                losses.append(eng.step(micro, optim.lr).loss)
+            ema = eng.ema.gather(dst=0)
+            key = f"{stage}/{policy}"
+            if dist.rank == 0:
+                results[key] = {"losses": losses, "grads": grads,
+                                "ema": {k: v.flatten().tolist() for k, v in ema.items()}}
+    return results
+
+
+def _main() -> None:
+    mode, args = sys.argv[1], json.loads(sys.argv[2])
+    if mode == "warm":
+        from tb_train.dist import init_distributed, shutdown
+        from tb_train.engine import EngineConfig, OptimConfig, build_engine
+        dist = init_distributed()
+        build_engine(StandInModel, EngineConfig(deepspeed="zero0", precision="fp32"), OptimConfig(), 2, dist)
+        shutdown()
+        return
+    from tb_train.dist import shutdown
+    result = {"engine_matrix": _engine_matrix}[mode](args)
+    if int(os.environ.get("RANK", "0")) == 0:
+        Path(args["out"]).write_text(json.dumps(result))
+    shutdown()
+
+
+if __name__ == "__main__":
+    _main()

@@ -135,7 +135,7 @@ class _HeadBase(nn.Module):
 
     def marginal_logprobs(self, logits: Tensor) -> Tensor:
         """Per-channel marginal log-probs of grouped logits: [N, S, levels^k] -> [N, C, levels]."""
-        logp = torch.log_softmax(logits.float(), dim=-1)
+        logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
         if self.group == 1:
             return logp
         grid = logp.view(*logp.shape[:2], *([self.levels] * self.group))

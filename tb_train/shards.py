@@ -169,9 +169,11 @@ class LatentShards:
     (os.pread, so forked DataLoader workers never share a file offset).
     """
 
-    def __init__(self, folder: str | os.PathLike, verify: bool = True):
+    def __init__(self, folder: str | os.PathLike, verify: bool = True, manifest: dict | None = None):
+        """manifest: use this dict instead of reading manifest.json (precompute reads its shards back
+        before it publishes the manifest)."""
         self.folder = Path(folder)
-        self.manifest = read_manifest(self.folder)
+        self.manifest = manifest if manifest is not None else read_manifest(self.folder)
         stats_path = self.folder / STATS
         self.stats: dict | None = json.loads(stats_path.read_text()) if stats_path.is_file() else None
         self.shards: list[dict] = self.manifest["shards"]

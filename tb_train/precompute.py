@@ -1,0 +1,400 @@
+"""`tb-precompute`: turn an image set into latent shards once, on any number of ranks, never redoing work.
+
+    tb-precompute --config configs/jobs/precompute_demo.yaml [key=value ...]
+    torchrun --nproc_per_node 8 -m tb_train.precompute --config job.yaml input=/data/train output=/data/lat
+
+Order and placement: the sorted input listing gives every image its global index; shard s holds the
+indices [s·S, (s+1)·S) minus rejected images, and rank r encodes the shards with s % world == r. Batches
+never cross a shard boundary, so a shard's bytes depend only on its images, the VAE, the batch size and
+the numeric mode — not on the world size or on where an earlier run was killed.
+
+Idempotence: a shard tar is written under a temporary name and renamed when complete; then a sidecar
+`shard-XXXXXX.json` (count, sha256, rejected inputs, channel sums) is written atomically. A rerun skips
+shards whose sidecar matches the tar's sha256 and redoes the rest. `precompute.json` records what the
+folder was made with (VAE identity, resolution, shard size, quantizer, input listing); a rerun with
+anything different is refused. When every sidecar exists, the manifest, stats and rejected list are
+assembled from the sidecars (by rank 0 after a barrier when torch.distributed is initialized, else by
+whichever rank finishes last — the files are deterministic, so two assemblers write the same bytes).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from tb_model.ordering import frequency_order
+from tb_model.quantizer import DimensionwiseQuantizer, QuantizerConfig
+from tb_model.vae import LatentVAE, VAEConfig, VAELoadError, load_vae
+from tb_train import dist
+from tb_train.config import ConfigError, atomic_write_text, load_config, to_dict
+from tb_train.images import ImageDataset, ImageList, InputError, collate, list_images
+from tb_train.shards import (
+    FORMAT, MANIFEST, REJECTED, STATS, LatentShards, ShardError, sample_key, sha256_file, shard_name,
+    write_shard,
+)
+
+IDENTITY = "precompute.json"
+
+
+class PrecomputeError(ValueError):
+    """The job cannot proceed (e.g. the output folder was made with another VAE); one line."""
+
+
+@dataclass
+class PrecomputeConfig:
+    """One precompute job. `input`: an ImageFolder tree or webdataset tars (see tb_train.images)."""
+
+    input: str
+    output: str
+    vae: VAEConfig
+    resolution: int = 256            # ADM center crop side (pixels); must be a multiple of the VAE's downsample
+    batch_size: int = 64             # images per encoder call (each also encoded flipped: 2x this per call)
+    samples_per_shard: int = 1000
+    num_workers: int = 8             # DataLoader decode workers per rank (0 = decode in the main process)
+    store_indices: bool = False      # also store uint8 quantizer indices of the scaled posterior means
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    device: str = "auto"             # "auto": cuda:LOCAL_RANK if a GPU is visible, else cpu
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # encoder autocast; auto = bf16 on GPU, fp32 on CPU
+    channels_last: bool = True       # on GPU only (no effect on CPU)
+    order_samples: int = 4096        # samples read back to compute the channel frequency order
+    verify_existing: bool = True     # sha256-check finished shards before skipping them
+    progress: bool = True            # tqdm bar on rank 0
+
+    def __post_init__(self) -> None:
+        for name in ("resolution", "batch_size", "samples_per_shard", "order_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.store_indices and self.quantizer.scheme == "empirical":
+            raise ValueError("store_indices needs a fixed quantizer (gaussian or uniform): an empirical "
+                             "table is fitted from the latents this job produces")
+
+
+def sidecar_name(shard_id: int) -> str:
+    return f"shard-{shard_id:06d}.json"
+
+
+def _resolve_device(spec: str, local_rank: int) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device(spec)
+
+
+def _identity(cfg: PrecomputeConfig, vae: LatentVAE, images: ImageList, autocast: bool) -> dict:
+    """Everything that determines the shards' bytes, apart from batch size and kernel choice."""
+    listing = hashlib.sha256()
+    labels = images.labels if images.labels is not None else [-1] * len(images)
+    for name, label in zip(images.names, labels):
+        listing.update(f"{name}\t{label}\n".encode())
+    return {
+        "format": FORMAT,
+        "vae": {"identity": vae.identity, "scale": vae.scale, "latent_channels": vae.latent_channels,
+                "downsample": vae.downsample},
+        "resolution": cfg.resolution,
+        "samples_per_shard": cfg.samples_per_shard,
+        "encoder_dtype": "bfloat16" if autocast else "float32",
+        "quantizer": to_dict(cfg.quantizer) if cfg.store_indices else None,
+        "num_inputs": len(images),
+        "inputs_sha256": listing.hexdigest(),
+    }
+
+
+def _claim_output(out: Path, ident: dict) -> None:
+    """Record (or check) what this folder is made with; a different VAE/setting is refused."""
+    path = out / IDENTITY
+    if path.is_file():
+        old = json.loads(path.read_text())
+        for key in ident:
+            if old.get(key) != ident[key]:
+                what = "VAE" if key == "vae" else key
+                shown_old, shown_new = old.get(key), ident[key]
+                if key == "vae":
+                    shown_old, shown_new = old["vae"]["identity"][:12] + "…", ident["vae"]["identity"][:12] + "…"
+                raise PrecomputeError(f"{out}: was precomputed with {what} {shown_old}, this run has "
+                                      f"{shown_new}; refusing to mix them (use another output folder)")
+        return
+    atomic_write_text(path, json.dumps(ident, indent=1) + "\n")
+
+
+def _finished_sidecar(out: Path, shard: int, verify: bool) -> dict | None:
+    """The sidecar of a complete shard, or None if the shard must be (re)done."""
+    side, tar = out / sidecar_name(shard), out / shard_name(shard)
+    if not (side.is_file() and tar.is_file()):
+        return None
+    try:
+        info = json.loads(side.read_text())
+    except json.JSONDecodeError:
+        return None
+    if verify and sha256_file(tar) != info.get("sha256"):
+        print(f"precompute: {tar} does not match its sidecar's sha256; redoing it", file=sys.stderr)
+        return None
+    return info
+
+
+def _remove_stale_temps(out: Path, shards: list[int], older_than: float | None = None) -> None:
+    """Delete temporary files left by killed runs: those of `shards`, and (if `older_than` is given)
+    the folder-level ones (manifest/stats/…) last modified before that time."""
+    for s in shards:
+        for stem in (shard_name(s), sidecar_name(s)):
+            for p in out.glob(f".{stem}.*.tmp"):
+                p.unlink(missing_ok=True)
+    if older_than is not None:
+        for p in out.glob(".*.tmp"):
+            try:
+                if p.stat().st_mtime < older_than:
+                    p.unlink(missing_ok=True)
+            except FileNotFoundError:
+                pass
+
+
+@dataclass
+class _ShardAccumulator:
+    """A shard being filled: samples in key order, rejections, per-channel sums of scaled means."""
+    shard: int
+    size: int                               # inputs in this shard's index range
+    seen: int = 0
+    keys: list = field(default_factory=list)
+    moments: list = field(default_factory=list)   # float16 [2, 2C, h, w] each
+    labels: list = field(default_factory=list)
+    indices: list = field(default_factory=list)   # uint8 [2, C, h, w] each (store_indices)
+    rejected: list = field(default_factory=list)  # (global index, reason)
+    sums: np.ndarray | None = None          # float64 [2, C]: sum and sum of squares
+    elements: int = 0                       # per-channel element count
+
+
+def _encode_batch(vae: LatentVAE, images: torch.Tensor, device: torch.device, autocast: bool,
+                  channels_last: bool) -> torch.Tensor:
+    """uint8 [b, 3, R, R] -> float16 moments [b, 2, 2C, h, w] of each image and its h-flip (on device)."""
+    x = images.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+    x = torch.cat([x, x.flip(-1)])  # [2b, 3, R, R]: one encoder call for both views
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        m = vae.encode(x)  # [2b, 2C, h, w] float32
+    b = images.shape[0]
+    return torch.stack([m[:b], m[b:]], dim=1).half()
+
+
+def _write_shard_files(out: Path, acc: _ShardAccumulator, images: ImageList, store_indices: bool) -> dict:
+    """Tar (atomic rename), then its sidecar (atomic): the sidecar's presence marks the shard done."""
+    samples = list(zip(acc.keys, acc.moments, acc.labels))
+    sha = write_shard(out / shard_name(acc.shard), samples, acc.indices if store_indices else None)
+    sums = acc.sums if acc.sums is not None else np.zeros((2, 0))
+    info = {
+        "name": shard_name(acc.shard), "count": len(samples), "sha256": sha,
+        "rejected": [[i, images.names[i], reason] for i, reason in sorted(acc.rejected)],
+        "sum": sums[0].tolist(), "sumsq": sums[1].tolist(), "elements": acc.elements,
+        "max_label": max(acc.labels, default=-1),
+    }
+    atomic_write_text(out / sidecar_name(acc.shard), json.dumps(info) + "\n")
+    return info
+
+
+def _assemble(out: Path, ident: dict, images: ImageList, num_shards: int, order_samples: int,
+              started: float) -> dict | None:
+    """Manifest, stats and rejected.txt from the sidecars; None while some shard is unfinished."""
+    infos = []
+    for s in range(num_shards):
+        path = out / sidecar_name(s)
+        if not path.is_file():
+            return None
+        infos.append(json.loads(path.read_text()))
+    _remove_stale_temps(out, list(range(num_shards)), older_than=started)
+    num_samples = sum(i["count"] for i in infos)
+    if num_samples == 0:
+        raise PrecomputeError(f"{images.root}: every input image was rejected (see the shard sidecars in {out})")
+    rejected = [r for i in infos for r in i["rejected"]]
+    atomic_write_text(out / REJECTED, "".join(f"{idx}\t{name}\t{reason}\n" for idx, name, reason in rejected))
+
+    elements = sum(i["elements"] for i in infos)
+    total = np.sum([np.array([i["sum"], i["sumsq"]]) for i in infos if i["elements"]], axis=0)
+    mean = total[0] / elements
+    std = np.sqrt(np.maximum(total[1] / elements - mean**2, 0.0))
+    if images.classes is not None:
+        classes = images.classes
+    else:
+        classes = [str(c) for c in range(max(i["max_label"] for i in infos) + 1)]
+    manifest = {
+        "format": FORMAT, "num_samples": num_samples, "samples_per_shard": ident["samples_per_shard"],
+        "shards": [{"name": i["name"], "count": i["count"], "sha256": i["sha256"]} for i in infos],
+        "vae": ident["vae"], "resolution": ident["resolution"], "classes": classes,
+        "num_rejected": len(rejected), "quantizer": ident["quantizer"],
+    }
+    order = _channel_order(LatentShards(out, verify=False, manifest=manifest), order_samples)
+    stats = {"num_samples": num_samples, "mean": mean.tolist(), "std": std.tolist(), "channel_order": order,
+             "description": "posterior mean x scale, both views, all samples; channel_order from the image view of "
+                   f"{min(order_samples, num_samples)} evenly spaced samples"}
+    atomic_write_text(out / STATS, json.dumps(stats, indent=1) + "\n")
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")  # last: marks the folder done
+    return manifest
+
+
+def _channel_order(reader: LatentShards, max_samples: int) -> list[int]:
+    """tb_model.ordering.frequency_order over the stored image-view means × scale of evenly spaced
+    samples (read back from the tars, so it does not depend on which rank encoded what)."""
+    n = len(reader)
+    picks = np.unique(np.linspace(0, n - 1, min(n, max_samples)).round().astype(np.int64))
+    c = reader.manifest["vae"]["latent_channels"]
+    means = np.stack([reader.read(int(i))[0][0, :c] for i in picks]).astype(np.float32)  # [n, C, h, w]
+    perm, _ = frequency_order(torch.from_numpy(means) * reader.manifest["vae"]["scale"])
+    reader.close()
+    return perm.tolist()
+
+
+def run(cfg: PrecomputeConfig, rank: int = 0, world: int = 1, local_rank: int = 0) -> dict:
+    """Encode this rank's unfinished shards, then assemble the folder if every shard is done.
+
+    Returns a summary dict (also printed as one line): inputs, encoded, skipped shards, rejected,
+    seconds, images/s, and `manifest` (None if other ranks still have shards to finish).
+    """
+    started = time.time()
+    out = Path(cfg.output)
+    images = list_images(cfg.input)
+    device = _resolve_device(cfg.device, local_rank)
+    autocast = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
+    channels_last = cfg.channels_last and device.type == "cuda"
+    vae = load_vae(cfg.vae, device=device)
+    if channels_last:
+        vae.model.to(memory_format=torch.channels_last)
+    if cfg.resolution % vae.downsample:
+        raise ConfigError(f"resolution {cfg.resolution} is not a multiple of the VAE's downsample {vae.downsample}")
+    out.mkdir(parents=True, exist_ok=True)
+    ident = _identity(cfg, vae, images, autocast)
+    _claim_output(out, ident)
+    quantizer = None
+    if cfg.store_indices:
+        quantizer = DimensionwiseQuantizer.from_config(cfg.quantizer, channels=vae.latent_channels).to(device)
+
+    n, per = len(images), cfg.samples_per_shard
+    num_shards = math.ceil(n / per)
+    mine = [s for s in range(num_shards) if s % world == rank]
+    _remove_stale_temps(out, mine)
+    pending = [s for s in mine if _finished_sidecar(out, s, cfg.verify_existing) is None]
+    batches = [list(range(start, min(start + cfg.batch_size, stop)))
+               for s in pending
+               for stop in [min(n, (s + 1) * per)]
+               for start in range(s * per, stop, cfg.batch_size)]
+    todo = sum(len(b) for b in batches)
+    loader = DataLoader(ImageDataset(images, cfg.resolution), batch_sampler=batches, collate_fn=collate,
+                        num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
+                        prefetch_factor=4 if cfg.num_workers else None)
+    C = vae.latent_channels
+    writer = ThreadPoolExecutor(max_workers=1)  # shard writing overlaps the next shard's encoding
+    writes: list[Future] = []
+    accs: dict[int, _ShardAccumulator] = {}
+    encoded = 0
+    bar = tqdm(total=todo, unit="img", desc=f"precompute rank {rank}", disable=not cfg.progress or rank != 0,
+               smoothing=0.1, dynamic_ncols=True)
+
+    def finish(batch: dict, moments: torch.Tensor, indices: torch.Tensor | None) -> None:
+        """Host side of one batch: file it into its shard; hand a full shard to the writer thread."""
+        shard = (batch["indices"] or [batch["rejected"][0][0]])[0] // per
+        acc = accs.setdefault(shard, _ShardAccumulator(shard, min(n, (shard + 1) * per) - shard * per))
+        acc.rejected.extend(batch["rejected"])
+        if batch["indices"]:
+            m = moments.numpy()  # [b, 2, 2C, h, w] float16
+            acc.keys.extend(sample_key(i) for i in batch["indices"])
+            acc.moments.extend(m)
+            acc.labels.extend(batch["labels"].tolist())
+            if indices is not None:
+                acc.indices.extend(indices.numpy())
+            lat = m[:, :, :C].astype(np.float64) * vae.scale  # scaled posterior means, both views
+            sums = np.stack([lat.sum(axis=(0, 1, 3, 4)), (lat**2).sum(axis=(0, 1, 3, 4))])
+            acc.sums = sums if acc.sums is None else acc.sums + sums
+            acc.elements += lat.size // C
+        acc.seen += len(batch["indices"]) + len(batch["rejected"])
+        if acc.seen == acc.size:
+            while len(writes) >= 2:  # bound the memory held by shards waiting to be written
+                writes.pop(0).result()
+            writes.append(writer.submit(_write_shard_files, out, accs.pop(shard), images, cfg.store_indices))
+
+    in_flight: tuple | None = None  # GPU: batch k's device→host copy completes while batch k+1 encodes
+    try:
+        for batch in loader if batches else ():
+            current = None
+            if batch["images"] is not None:
+                moments = _encode_batch(vae, batch["images"], device, autocast, channels_last)
+                idx = None
+                if quantizer is not None:
+                    b = moments.shape[0]
+                    means = moments[:, :, :C].float().flatten(0, 1) * vae.scale  # [2b, C, h, w]
+                    idx = quantizer.quantize(means, channel_dim=1).view(b, 2, C, *means.shape[-2:])
+                if device.type == "cuda":
+                    moments = moments.to("cpu", non_blocking=True)
+                    idx = idx.to("cpu", non_blocking=True) if idx is not None else None
+                    event = torch.cuda.Event()
+                    event.record()
+                    current = (batch, moments, idx, event)
+                else:
+                    current = (batch, moments, idx, None)
+                encoded += len(batch["indices"])
+            else:
+                current = (batch, None, None, None)
+            if in_flight is not None:
+                if in_flight[3] is not None:
+                    in_flight[3].synchronize()
+                finish(*in_flight[:3])
+            in_flight = current
+            bar.update(len(batch["indices"]) + len(batch["rejected"]))
+        if in_flight is not None:
+            if in_flight[3] is not None:
+                in_flight[3].synchronize()
+            finish(*in_flight[:3])
+        for f in writes:
+            f.result()
+    finally:
+        bar.close()
+        writer.shutdown(wait=True)
+
+    dist.barrier()
+    manifest = None
+    if not torch.distributed.is_initialized() or rank == 0:
+        manifest = _assemble(out, ident, images, num_shards, cfg.order_samples, started)
+    seconds = time.time() - started
+    summary = {"inputs": n, "shards": num_shards, "rank_shards": len(mine), "skipped_shards": len(mine) - len(pending),
+               "encoded": encoded, "seconds": seconds, "images_per_s": encoded / seconds if seconds else 0.0,
+               "manifest": manifest}
+    where = f"rank {rank}/{world}: " if world > 1 else ""
+    if manifest is not None:
+        done = (f"{manifest['num_samples']} samples in {num_shards} shards, {manifest['num_rejected']} rejected "
+                f"(see {out / REJECTED})")
+    else:
+        done = "other ranks' shards still running; the last to finish writes the manifest"
+    print(f"precompute: {where}encoded {encoded} images in {seconds:.1f}s ({summary['images_per_s']:.1f} img/s, "
+          f"{summary['skipped_shards']} of {len(mine)} shards already done); {out}: {done}", flush=True)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tb-precompute", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help="job YAML (PrecomputeConfig)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. output=/data/lat")
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher passes it
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(PrecomputeConfig, args.config, args.overrides)
+        dist.export_env()
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        run(cfg, rank, world, int(os.environ["LOCAL_RANK"]))
+    except (ConfigError, InputError, ShardError, PrecomputeError, VAELoadError) as e:
+        print(f"tb-precompute: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

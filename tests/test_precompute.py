@@ -1,0 +1,204 @@
+"""tb-precompute: same shards from 1 and 2 processes, exact resume after SIGKILL, bad input handling,
+refusal to mix VAEs, tar input, stored quantizer indices, and the reader over the result."""
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fixtures_precompute import CORRUPT, image_dir, make_tars, run_cli, tiny_vae, tiny_vae_dir  # noqa: F401
+from tb_model.quantizer import DimensionwiseQuantizer, QuantizerConfig
+from tb_train.config import load_config
+from tb_train.precompute import PrecomputeConfig, PrecomputeError, run, sidecar_name
+from tb_train.shards import LatentShards, ShardError, shard_name
+
+PER_SHARD = 5
+BATCH = 3  # does not divide PER_SHARD: batches must still stop at shard boundaries
+
+
+def _args(images: Path, out: Path, vae: Path, *extra: str) -> list[str]:
+    return [f"input={images}", f"output={out}", f"vae.path={vae}", "resolution=16", f"batch_size={BATCH}",
+            f"samples_per_shard={PER_SHARD}", "num_workers=0", "progress=false", *extra]
+
+
+def _cfg(*args: str) -> PrecomputeConfig:
+    return load_config(PrecomputeConfig, None, list(args))
+
+
+def _all_samples(folder: Path) -> dict[str, tuple[np.ndarray, int]]:
+    ds = LatentShards(folder)
+    return {ds.key(i): ds.read(i) for i in range(len(ds))}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, image_dir, tiny_vae_dir) -> Path:
+    """One uninterrupted single-process run, in-process."""
+    out = tmp_path_factory.mktemp("ref") / "lat"
+    run(_cfg(*_args(image_dir, out, tiny_vae_dir)))
+    return out
+
+
+def test_layout_rejects_and_reader(reference, image_dir):
+    manifest = json.loads((reference / "manifest.json").read_text())
+    files = sorted(p.relative_to(image_dir).as_posix() for p in image_dir.rglob("*") if p.is_file()
+                   and not p.name.startswith("."))
+    assert manifest["num_samples"] == len(files) - 2 and manifest["num_rejected"] == 2
+    assert manifest["classes"] == ["cat", "dog", "eel"] and manifest["resolution"] == 16
+    assert [s["name"] for s in manifest["shards"]] == [shard_name(i) for i in range(-(-len(files) // PER_SHARD))]
+    assert manifest["vae"]["latent_channels"] == 4 and manifest["vae"]["downsample"] == 2
+    lines = (reference / "rejected.txt").read_text().splitlines()
+    assert [ln.split("\t")[1] for ln in lines] == sorted(CORRUPT)
+    assert all(len(ln.split("\t")) == 3 and ln.split("\t")[2] for ln in lines)
+
+    samples = _all_samples(reference)  # every stored sample exactly once, keyed by sorted input position
+    bad = {files.index(c) for c in CORRUPT}
+    assert sorted(samples) == [f"{i:09d}" for i in range(len(files)) if i not in bad]
+    for key, (moments, label) in samples.items():
+        assert moments.shape == (2, 8, 8, 8) and moments.dtype == np.float16
+        assert label == ["cat", "dog", "eel"].index(files[int(key)].split("/")[0])
+    stats = json.loads((reference / "stats.json").read_text())
+    means = np.stack([m[:, :4] for m, _ in samples.values()]).astype(np.float64) * 0.5  # scale 0.5
+    np.testing.assert_allclose(stats["mean"], means.mean(axis=(0, 1, 3, 4)), rtol=1e-9)
+    np.testing.assert_allclose(stats["std"], means.std(axis=(0, 1, 3, 4)), rtol=1e-6)
+    assert sorted(stats["channel_order"]) == [0, 1, 2, 3]
+
+
+def test_flip_view_is_the_flipped_image(reference, tiny_vae_dir):
+    """View 1 must be the encoding of the mirrored image (not of the image again)."""
+    from tb_model.vae import VAEConfig, load_vae
+
+    vae = load_vae(VAEConfig(path=str(tiny_vae_dir)))
+    x = torch.linspace(-1, 1, 16).expand(1, 3, 16, 16)  # left-right asymmetric
+    m = vae.encode(torch.cat([x, x.flip(-1)]))
+    assert (m[0] - m[1]).abs().max() > 1e-3
+    moments, _ = LatentShards(reference).read(0)
+    assert (moments[0].astype(np.float32) != moments[1].astype(np.float32)).any()
+
+
+def test_two_processes_make_the_same_shards(tmp_path, reference, image_dir, tiny_vae_dir):
+    out = tmp_path / "lat"
+    procs = [run_cli(_args(image_dir, out, tiny_vae_dir), env={"RANK": str(r), "WORLD_SIZE": "2",
+                                                               "LOCAL_RANK": str(r)}) for r in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err[-2000:]
+    ref, got = (json.loads((d / "manifest.json").read_text()) for d in (reference, out))
+    assert [s["name"] for s in got["shards"]] == [s["name"] for s in ref["shards"]]
+    a, b = _all_samples(reference), _all_samples(out)
+    assert sorted(a) == sorted(b)
+    for key in a:  # same batch grouping and thread count here, so bit-identical is expected
+        np.testing.assert_array_equal(a[key][0], b[key][0])
+        assert a[key][1] == b[key][1]
+    assert got == ref
+    assert (out / "rejected.txt").read_text() == (reference / "rejected.txt").read_text()
+
+
+_SLOW_WRITER = """
+import sys, time
+import tb_train.precompute as p
+orig = p._write_shard_files
+def slow(*a, **k):
+    info = orig(*a, **k)
+    time.sleep(0.5)
+    return info
+p._write_shard_files = slow
+sys.exit(p.main(sys.argv[1:]))
+"""
+
+
+def test_sigkill_midway_then_rerun_gives_identical_folder(tmp_path, reference, image_dir, tiny_vae_dir):
+    out = tmp_path / "lat"
+    args = _args(image_dir, out, tiny_vae_dir)
+    proc = run_cli(args, code=_SLOW_WRITER)
+    deadline = time.time() + 180
+    while len(list(out.glob("shard-*.json"))) < 2:
+        assert proc.poll() is None and time.time() < deadline, "run ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert not (out / "manifest.json").exists()
+    done = len(list(out.glob("shard-*.json")))
+    assert 2 <= done < len(json.loads((reference / "manifest.json").read_text())["shards"])
+    # What a kill can leave behind besides finished shards: a half-written tar under its temporary name,
+    # and a tar renamed just before the kill whose sidecar was never written.
+    (out / f".{shard_name(done)}.99999.tmp").write_bytes(b"partial")
+    (out / shard_name(done)).write_bytes(b"not a complete tar")
+    proc = run_cli(args)
+    stdout, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-2000:]
+    assert f"{done} of" in stdout  # finished shards were skipped, not redone
+    assert (out / "manifest.json").read_text() == (reference / "manifest.json").read_text()
+    assert (out / "stats.json").read_text() == (reference / "stats.json").read_text()
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_rerun_with_another_vae_is_refused(tmp_path, reference, image_dir):
+    other = tiny_vae(tmp_path / "other_vae")
+    weights = other / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\x00\x00\x80\x3f")  # one weight changed → new identity
+    with pytest.raises(PrecomputeError, match="VAE") as e:
+        run(_cfg(*_args(image_dir, reference, other)))
+    assert "\n" not in str(e.value) and str(reference) in str(e.value)
+
+
+def test_cli_one_line_errors(tmp_path, image_dir, tiny_vae_dir):
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    cases = {"missing": tmp_path / "nope", "empty": tmp_path / "empty"}
+    procs = {k: run_cli(_args(v, tmp_path / f"out_{k}", tiny_vae_dir)) for k, v in cases.items()}
+    procs["bad_key"] = run_cli(_args(image_dir, tmp_path / "o", tiny_vae_dir, "batchsize=2"))
+    expect = {"missing": "input not found", "empty": "no images found", "bad_key": "unknown key 'batchsize'"}
+    for k, p in procs.items():
+        _, err = p.communicate(timeout=240)
+        assert p.returncode == 2, err[-2000:]
+        lines = [ln for ln in err.splitlines() if "error" in ln]
+        assert len(lines) == 1 and expect[k] in lines[0], err[-2000:]
+
+
+def test_tar_input_matches_image_folder(tmp_path, reference, image_dir, tiny_vae_dir):
+    tars = make_tars(image_dir, tmp_path / "tars")
+    out = tmp_path / "lat"
+    run(_cfg(*_args(tars, out, tiny_vae_dir)))
+    a, b = _all_samples(reference), _all_samples(out)
+    assert sorted(a) == sorted(b)
+    for key in a:
+        np.testing.assert_array_equal(a[key][0], b[key][0])
+        assert a[key][1] == b[key][1]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["classes"] == ["0", "1", "2"] and manifest["num_rejected"] == 2
+    names = [ln.split("\t")[1] for ln in (out / "rejected.txt").read_text().splitlines()]
+    assert len(names) == 2 and all(n.startswith("part-") and ".tar:" in n for n in names)
+
+
+def test_stored_indices_quantize_the_stored_means(tmp_path, image_dir, tiny_vae_dir):
+    out = tmp_path / "lat"
+    run(_cfg(*_args(image_dir, out, tiny_vae_dir, "store_indices=true", "quantizer.levels=16",
+                    "samples_per_shard=100")))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["quantizer"] == {"levels": 16, "qmin": -5.0, "qmax": 5.0, "scheme": "gaussian"}
+    q = DimensionwiseQuantizer.from_config(QuantizerConfig(levels=16))
+    ds = LatentShards(out)
+    for i in range(len(ds)):
+        moments, _ = ds.read(i)
+        idx = ds.read_indices(i)
+        assert idx.dtype == np.uint8 and idx.shape == (2, 4, 8, 8)
+        expect = q.quantize(torch.from_numpy(moments[:, :4]).float() * 0.5)
+        np.testing.assert_array_equal(idx, expect.numpy())
+
+
+def test_tampered_output_shard_is_named(tmp_path, reference):
+    out = tmp_path / "copy"
+    out.mkdir()
+    for p in reference.iterdir():
+        (out / p.name).write_bytes(p.read_bytes())
+    data = bytearray((out / shard_name(2)).read_bytes())
+    data[1024] ^= 1
+    (out / shard_name(2)).write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=shard_name(2)) as e:
+        LatentShards(out)
+    assert "\n" not in str(e.value)
+    assert (out / sidecar_name(2)).is_file()

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 DEMO_SIZE = 32
+DEMO_VAE = Path(__file__).resolve().parent / "assets" / "demo_vae"  # diffusers folder, tools/train_demo_vae.py
 DEMO_CLASSES = tuple(str(d) for d in range(10))
 _DONE = ".complete"
 
@@ -66,4 +67,4 @@ def ensure_demo_images(folder: str | os.PathLike) -> Path:
     return folder
 
 
-__all__ = ["DEMO_SIZE", "DEMO_CLASSES", "demo_digits", "ensure_demo_images"]
+__all__ = ["DEMO_VAE", "DEMO_SIZE", "DEMO_CLASSES", "demo_digits", "ensure_demo_images"]

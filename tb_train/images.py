@@ -16,9 +16,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from tb_train.demo_data import ensure_demo_images
 from tb_train.shards import group_members, tar_members
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
+DEMO_PREFIX = "demo:"
 
 
 class InputError(ValueError):
@@ -117,8 +119,11 @@ def list_tars(spec: str) -> ImageList:
 
 
 def list_images(spec: str) -> ImageList:
-    """An ImageFolder tree (a folder with class sub-folders) or tars (a .tar, a folder of .tar files, or
-    a brace/glob pattern); a wrong path or an empty input is a one-line InputError."""
+    """An ImageFolder tree (a folder with class sub-folders), tars (a .tar, a folder of .tar files, or a
+    brace/glob pattern), or `demo:FOLDER` (the embedded digits, written to FOLDER on first use); a wrong
+    path or an empty input is a one-line InputError."""
+    if spec.startswith(DEMO_PREFIX):
+        spec = str(ensure_demo_images(spec[len(DEMO_PREFIX):]))
     path = Path(spec)
     if path.is_dir() and any(d.is_dir() and _visible(d.name) for d in path.iterdir()):
         images = list_image_folder(path)
@@ -188,6 +193,6 @@ def collate(items: list[tuple[int, torch.Tensor | None, int, str]]) -> dict:
 
 
 __all__ = [
-    "IMAGE_EXTS", "InputError", "adm_center_crop", "ImageList", "list_image_folder", "list_tars",
+    "IMAGE_EXTS", "DEMO_PREFIX", "InputError", "adm_center_crop", "ImageList", "list_image_folder", "list_tars",
     "list_images", "ImageDataset", "collate",
 ]

@@ -258,8 +258,9 @@ def _channel_order(reader: LatentShards, max_samples: int) -> list[int]:
 def run(cfg: PrecomputeConfig, rank: int = 0, world: int = 1, local_rank: int = 0) -> dict:
     """Encode this rank's unfinished shards, then assemble the folder if every shard is done.
 
-    Returns a summary dict (also printed as one line): inputs, encoded, skipped shards, rejected,
-    seconds, images/s, and `manifest` (None if other ranks still have shards to finish).
+    Returns a summary dict (also printed as one line): inputs, shards, encoded images, skipped shards,
+    seconds and images/s of the whole call, images/s of the decode-encode-write loop alone, and
+    `manifest` (None while other ranks still have shards to finish).
     """
     started = time.time()
     out = Path(cfg.output)
@@ -322,6 +323,7 @@ def run(cfg: PrecomputeConfig, rank: int = 0, world: int = 1, local_rank: int = 
                 writes.pop(0).result()
             writes.append(writer.submit(_write_shard_files, out, accs.pop(shard), images, cfg.store_indices))
 
+    loop_start = time.time()
     in_flight: tuple | None = None  # GPU: batch k's device→host copy completes while batch k+1 encodes
     try:
         for batch in loader if batches else ():
@@ -356,6 +358,7 @@ def run(cfg: PrecomputeConfig, rank: int = 0, world: int = 1, local_rank: int = 
             finish(*in_flight[:3])
         for f in writes:
             f.result()
+        loop_seconds = time.time() - loop_start
     finally:
         bar.close()
         writer.shutdown(wait=True)
@@ -366,8 +369,8 @@ def run(cfg: PrecomputeConfig, rank: int = 0, world: int = 1, local_rank: int = 
         manifest = _assemble(out, ident, images, num_shards, cfg.order_samples, started)
     seconds = time.time() - started
     summary = {"inputs": n, "shards": num_shards, "rank_shards": len(mine), "skipped_shards": len(mine) - len(pending),
-               "encoded": encoded, "seconds": seconds, "images_per_s": encoded / seconds if seconds else 0.0,
-               "manifest": manifest}
+               "encoded": encoded, "seconds": seconds, "images_per_s": encoded / seconds,
+               "loop_images_per_s": encoded / loop_seconds if encoded else 0.0, "manifest": manifest}
     where = f"rank {rank}/{world}: " if world > 1 else ""
     if manifest is not None:
         done = (f"{manifest['num_samples']} samples in {num_shards} shards, {manifest['num_rejected']} rejected "

@@ -3,6 +3,7 @@ refusal to mix VAEs, tar input, stored quantizer indices, and the reader over th
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 from fixtures_precompute import CORRUPT, image_dir, make_tars, run_cli, tiny_vae, tiny_vae_dir  # noqa: F401
 from tb_model.quantizer import DimensionwiseQuantizer, QuantizerConfig
 from tb_train.config import load_config
-from tb_train.precompute import PrecomputeConfig, PrecomputeError, run, sidecar_name
+from tb_train.precompute import PrecomputeConfig, PrecomputeError, main, run, sidecar_name
 from tb_train.shards import LatentShards, ShardError, shard_name
 
 PER_SHARD = 5
@@ -33,6 +34,15 @@ def _cfg(*args: str) -> PrecomputeConfig:
 def _all_samples(folder: Path) -> dict[str, tuple[np.ndarray, int]]:
     ds = LatentShards(folder)
     return {ds.key(i): ds.read(i) for i in range(len(ds))}
+
+
+@pytest.fixture(autouse=True)
+def _restore_environ():
+    """main() fills RANK/WORLD_SIZE/MASTER_* like a launcher would; keep that out of other tests."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +121,7 @@ sys.exit(p.main(sys.argv[1:]))
 """
 
 
-def test_sigkill_midway_then_rerun_gives_identical_folder(tmp_path, reference, image_dir, tiny_vae_dir):
+def test_sigkill_midway_then_rerun_gives_identical_folder(tmp_path, capsys, reference, image_dir, tiny_vae_dir):
     out = tmp_path / "lat"
     args = _args(image_dir, out, tiny_vae_dir)
     proc = run_cli(args, code=_SLOW_WRITER)
@@ -128,10 +138,8 @@ def test_sigkill_midway_then_rerun_gives_identical_folder(tmp_path, reference, i
     # and a tar renamed just before the kill whose sidecar was never written.
     (out / f".{shard_name(done)}.99999.tmp").write_bytes(b"partial")
     (out / shard_name(done)).write_bytes(b"not a complete tar")
-    proc = run_cli(args)
-    stdout, err = proc.communicate(timeout=240)
-    assert proc.returncode == 0, err[-2000:]
-    assert f"{done} of" in stdout  # finished shards were skipped, not redone
+    assert main(args) == 0
+    assert f"{done} of" in capsys.readouterr().out  # finished shards were skipped, not redone
     assert (out / "manifest.json").read_text() == (reference / "manifest.json").read_text()
     assert (out / "stats.json").read_text() == (reference / "stats.json").read_text()
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
@@ -146,17 +154,16 @@ def test_rerun_with_another_vae_is_refused(tmp_path, reference, image_dir):
     assert "\n" not in str(e.value) and str(reference) in str(e.value)
 
 
-def test_cli_one_line_errors(tmp_path, image_dir, tiny_vae_dir):
+@pytest.mark.parametrize("case,expect", [("missing", "input not found"), ("empty", "no images found"),
+                                         ("bad_key", "unknown key 'batchsize'"), ("bad_vae", "not found")])
+def test_cli_one_line_errors(tmp_path, capsys, image_dir, tiny_vae_dir, case, expect):
     (tmp_path / "empty" / "cls").mkdir(parents=True)
-    cases = {"missing": tmp_path / "nope", "empty": tmp_path / "empty"}
-    procs = {k: run_cli(_args(v, tmp_path / f"out_{k}", tiny_vae_dir)) for k, v in cases.items()}
-    procs["bad_key"] = run_cli(_args(image_dir, tmp_path / "o", tiny_vae_dir, "batchsize=2"))
-    expect = {"missing": "input not found", "empty": "no images found", "bad_key": "unknown key 'batchsize'"}
-    for k, p in procs.items():
-        _, err = p.communicate(timeout=240)
-        assert p.returncode == 2, err[-2000:]
-        lines = [ln for ln in err.splitlines() if "error" in ln]
-        assert len(lines) == 1 and expect[k] in lines[0], err[-2000:]
+    images = {"missing": tmp_path / "nope", "empty": tmp_path / "empty"}.get(case, image_dir)
+    vae = tmp_path / "no_vae" if case == "bad_vae" else tiny_vae_dir
+    extra = ["batchsize=2"] if case == "bad_key" else []
+    assert main(_args(images, tmp_path / "out", vae, *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("tb-precompute: error:") and expect in err, err
 
 
 def test_tar_input_matches_image_folder(tmp_path, reference, image_dir, tiny_vae_dir):

@@ -1,0 +1,89 @@
+"""Embedded demo data, the shipped demo VAE, the demo precompute config, and the ADM center crop."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tb_model.vae import VAEConfig, load_vae
+from tb_train.config import load_config
+from tb_train.demo_data import DEMO_CLASSES, DEMO_VAE, demo_digits, ensure_demo_images
+from tb_train.images import adm_center_crop
+from tb_train.precompute import PrecomputeConfig, run
+from tb_train.shards import LatentShards
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def demo_folder(tmp_path_factory) -> Path:
+    return ensure_demo_images(tmp_path_factory.mktemp("demo") / "images")
+
+
+def test_demo_images_written_once(demo_folder):
+    files = sorted(demo_folder.rglob("*.png"))
+    assert len(files) == 1797
+    assert sorted(p.name for p in demo_folder.iterdir() if p.is_dir()) == list(DEMO_CLASSES)
+    images, labels = demo_digits()
+    first = demo_folder / DEMO_CLASSES[labels[0]] / "0000.png"
+    with Image.open(first) as img:
+        assert img.mode == "RGB" and img.size == (32, 32)
+        np.testing.assert_array_equal(np.asarray(img), images[0])
+    stamp = first.stat().st_mtime_ns
+    assert ensure_demo_images(demo_folder) == demo_folder and first.stat().st_mtime_ns == stamp
+
+
+def test_demo_images_refuse_a_foreign_folder(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "mine.txt").write_text("keep")
+    with pytest.raises(FileExistsError, match="not a finished demo image folder"):
+        ensure_demo_images(tmp_path / "x")
+
+
+def test_shipped_demo_vae_reconstructs_digits():
+    vae = load_vae(VAEConfig(path=str(DEMO_VAE)))
+    assert (vae.latent_channels, vae.downsample) == (4, 4)
+    assert sum(f.stat().st_size for f in DEMO_VAE.iterdir()) < 3e6
+    images, _ = demo_digits()
+    x = torch.from_numpy(images[::28]).permute(0, 3, 1, 2).float() / 127.5 - 1  # 65 digits, all classes
+    moments = vae.encode(x)
+    assert moments.shape == (len(x), 8, 8, 8)
+    scaled = moments[:, :4] * vae.scale
+    assert 0.7 < scaled.std().item() < 1.3  # scaling_factor = 1/std of the posterior means
+    recon = vae.decode(scaled)
+    assert (recon - x).abs().mean().item() < 0.08
+
+
+def test_demo_config_precomputes_all_digits(tmp_path):
+    cfg = load_config(PrecomputeConfig, ROOT / "configs/jobs/precompute_demo.yaml",
+                      [f"input=demo:{tmp_path / 'images'}", f"output={tmp_path / 'lat'}",
+                       f"vae.path={DEMO_VAE}", "num_workers=0", "progress=false"])
+    summary = run(cfg)
+    manifest = summary["manifest"]
+    assert manifest["num_samples"] == 1797 and manifest["num_rejected"] == 0
+    assert len(manifest["shards"]) == 8 and manifest["classes"] == list(DEMO_CLASSES)
+    ds = LatentShards(tmp_path / "lat")
+    moments, label = ds.read(len(ds) - 1)
+    assert moments.shape == (2, 8, 8, 8) and label == 9
+    stats = json.loads((tmp_path / "lat" / "stats.json").read_text())
+    assert sorted(stats["channel_order"]) == [0, 1, 2, 3]
+    assert all(0.5 < s < 2.0 for s in stats["std"])
+
+
+def test_adm_center_crop_shapes_modes_and_centering():
+    for w, h in ((100, 60), (60, 100), (16, 16), (33, 17), (700, 500)):
+        for mode in ("RGB", "L", "RGBA", "P"):
+            out = adm_center_crop(Image.new(mode, (w, h)), 16)
+            assert out.shape == (16, 16, 3) and out.dtype == np.uint8
+    # Wide image, left third red / middle green / right third blue: the center crop is all green.
+    arr = np.zeros((40, 120, 3), np.uint8)
+    arr[:, :40, 0] = arr[:, 40:80, 1] = arr[:, 80:, 2] = 255
+    out = adm_center_crop(Image.fromarray(arr), 16).astype(int)
+    assert (out[:, 2:-2, 1] > 250).all() and (out[:, 2:-2, [0, 2]] < 5).all()
+    # Box pre-halving keeps a constant image exactly constant; a flat colour survives bicubic too.
+    flat = adm_center_crop(Image.new("RGB", (517, 300), (10, 200, 30)), 64)
+    assert (flat == np.array([10, 200, 30])).all()

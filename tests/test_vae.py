@@ -21,6 +21,7 @@ from tb_model.vae import (
     VAEConfig,
     VAELoadError,
     convert_ldm_vae_state_dict,
+    kl16_config,
     load_vae,
     sample_latents,
 )
@@ -218,19 +219,18 @@ def test_kl16_loads_strictly_and_matches_reference(kl16, kl16_vae, images):
     assert vae.identity == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_wrong_mapping_is_visible(kl16, kl16_vae, images):
-    """The tolerances above discriminate: swapping q and k of one encoder attention moves the output."""
-    sd = convert_ldm_vae_state_dict(kl16[0].state_dict())
+def test_wrong_mapping_is_visible(kl16, images):
+    """The tolerances above discriminate: swapping q and k of one encoder attention moves the mean ~5e-2."""
+    ref = kl16[0]
+    sd = convert_ldm_vae_state_dict(ref.state_dict())
     a = "encoder.down_blocks.4.attentions.0."
     sd[a + "to_q.weight"], sd[a + "to_k.weight"] = sd[a + "to_k.weight"], sd[a + "to_q.weight"]
-    kl16_vae.model.load_state_dict(sd)
-    try:
-        swapped = kl16_vae.encode(images)
-    finally:
-        kl16_vae.model.load_state_dict(convert_ldm_vae_state_dict(kl16[0].state_dict()))
+    model = vae_mod._build(kl16_config(), "swapped")
+    model.load_state_dict(sd, assign=True)
     with torch.no_grad():
-        mean, _ = kl16[0].moments(images)
-    assert (swapped[:, :16] - mean).abs().max() > 1e-2
+        swapped = model.encode(images).latent_dist.mean
+        mean, _ = ref.moments(images)
+    assert (swapped - mean).abs().max() > 1e-2
 
 
 def test_converter_maps_block_attention_and_squeezes():
@@ -282,6 +282,14 @@ def test_missing_path_and_unknown_type(tmp_path):
     odd.write_bytes(b"x")
     with pytest.raises(VAELoadError, match="unknown VAE file type"):
         load_vae(VAEConfig(path=str(odd)))
+    with pytest.raises(VAELoadError, match="arch 'kl16' needs a weight file"):
+        load_vae(VAEConfig(path=str(tmp_path), arch="kl16"))
+    ckpt = tmp_path / "kl16.pt"
+    ckpt.write_bytes(b"x")
+    with pytest.raises(VAELoadError, match="arch 'diffusers' needs a folder or a .safetensors file"):
+        load_vae(VAEConfig(path=str(ckpt), arch="diffusers"))
+    with pytest.raises(VAELoadError, match="cannot read as a torch checkpoint"):
+        load_vae(VAEConfig(path=str(ckpt)))
 
 
 def _small_diffusers():
@@ -313,6 +321,9 @@ def test_diffusers_folder_round_trip(tmp_path, images):
     weights = tmp_path / "vae" / "diffusion_pytorch_model.safetensors"
     assert vae.identity == hashlib.sha256(weights.read_bytes()).hexdigest()
     assert load_vae(VAEConfig(path=str(tmp_path / "vae"), scale=0.25)).scale == 0.25
+    double = load_vae(VAEConfig(path=str(tmp_path / "vae")), dtype=torch.float64)
+    assert next(double.parameters()).dtype == torch.float64 and double.encode(images).dtype == torch.float32
+    torch.testing.assert_close(double.encode(images), vae.encode(images), atol=1e-4, rtol=0)
     with pytest.raises(VAELoadError, match="no config.json .*vae/ subfolder"):
         load_vae(VAEConfig(path=str(tmp_path)))
 

@@ -176,6 +176,51 @@ class _ShardAccumulator:
     elements: int = 0                       # per-channel element count
 
 
+class _ShardCollector:
+    """Files encoded batches into their shards and hands each full shard to a writer thread, so
+    writing (tar, sha256, sidecar) overlaps the encoding of the next shard."""
+
+    def __init__(self, out: Path, images: ImageList, per_shard: int, channels: int, scale: float,
+                 store_indices: bool):
+        self.out, self.images, self.per, self.C, self.scale = out, images, per_shard, channels, scale
+        self.store_indices = store_indices
+        self.accs: dict[int, _ShardAccumulator] = {}
+        self.writer = ThreadPoolExecutor(max_workers=1)
+        self.writes: list[Future] = []
+
+    def add(self, batch: dict, moments: torch.Tensor | None, indices: torch.Tensor | None) -> None:
+        """batch from `collate`; moments float16 [b, 2, 2C, h, w] and indices uint8 [b, 2, C, h, w] on CPU."""
+        n = len(self.images)
+        shard = (batch["indices"] or [batch["rejected"][0][0]])[0] // self.per
+        acc = self.accs.setdefault(shard, _ShardAccumulator(shard, min(n, (shard + 1) * self.per) - shard * self.per))
+        acc.rejected.extend(batch["rejected"])
+        if batch["indices"]:
+            m = moments.numpy()
+            acc.keys.extend(sample_key(i) for i in batch["indices"])
+            acc.moments.extend(m)
+            acc.labels.extend(batch["labels"].tolist())
+            if indices is not None:
+                acc.indices.extend(indices.numpy())
+            lat = m[:, :, :self.C].astype(np.float64) * self.scale  # scaled posterior means, both views
+            sums = np.stack([lat.sum(axis=(0, 1, 3, 4)), (lat**2).sum(axis=(0, 1, 3, 4))])
+            acc.sums = sums if acc.sums is None else acc.sums + sums
+            acc.elements += lat.size // self.C
+        acc.seen += len(batch["indices"]) + len(batch["rejected"])
+        if acc.seen == acc.size:
+            while len(self.writes) >= 2:  # bound the memory held by shards waiting to be written
+                self.writes.pop(0).result()
+            self.writes.append(self.writer.submit(
+                _write_shard_files, self.out, self.accs.pop(shard), self.images, self.store_indices))
+
+    def close(self) -> None:
+        """Wait for every write (re-raising a writer error) and stop the thread."""
+        try:
+            for f in self.writes:
+                f.result()
+        finally:
+            self.writer.shutdown(wait=True)
+
+
 def _encode_batch(vae: LatentVAE, images: torch.Tensor, device: torch.device, autocast: bool,
                   channels_last: bool) -> torch.Tensor:
     """uint8 [b, 3, R, R] -> float16 moments [b, 2, 2C, h, w] of each image and its h-flip (on device)."""
@@ -187,6 +232,48 @@ def _encode_batch(vae: LatentVAE, images: torch.Tensor, device: torch.device, au
         m = vae.encode(x)  # [2b, 2C, h, w] float32
     b = images.shape[0]
     return torch.stack([m[:b], m[b:]], dim=1).half()
+
+
+def _encode_all(loader: DataLoader, vae: LatentVAE, quantizer: DimensionwiseQuantizer | None, device: torch.device,
+                autocast: bool, channels_last: bool, collector: _ShardCollector, bar: tqdm) -> int:
+    """Encode every batch of `loader` into `collector`; returns the number of images encoded.
+
+    On GPU the device→host copy of batch k is asynchronous (pinned memory + an event) and is only
+    waited for after batch k+1 has been queued, so the GPU never idles on host-side shard work.
+    """
+    encoded = 0
+    in_flight = None  # (batch, moments, indices, event | None)
+    for batch in loader:
+        current = (batch, None, None, None)
+        if batch["images"] is not None:
+            moments = _encode_batch(vae, batch["images"], device, autocast, channels_last)
+            idx = None
+            if quantizer is not None:
+                b, _, c2, h, w = moments.shape
+                means = moments[:, :, :c2 // 2].float().flatten(0, 1) * vae.scale  # [2b, C, h, w]
+                idx = quantizer.quantize(means, channel_dim=1).view(b, 2, c2 // 2, h, w)
+            event = None
+            if device.type == "cuda":
+                moments = moments.to("cpu", non_blocking=True)
+                idx = idx.to("cpu", non_blocking=True) if idx is not None else None
+                event = torch.cuda.Event()
+                event.record()
+            current = (batch, moments, idx, event)
+            encoded += len(batch["indices"])
+        if in_flight is not None:
+            _land(in_flight, collector)
+        in_flight = current
+        bar.update(len(batch["indices"]) + len(batch["rejected"]))
+    if in_flight is not None:
+        _land(in_flight, collector)
+    return encoded
+
+
+def _land(item: tuple, collector: _ShardCollector) -> None:
+    batch, moments, idx, event = item
+    if event is not None:
+        event.synchronize()
+    collector.add(batch, moments, idx)
 
 
 def _write_shard_files(out: Path, acc: _ShardAccumulator, images: ImageList, store_indices: bool) -> dict:
@@ -236,8 +323,8 @@ def _assemble(out: Path, ident: dict, images: ImageList, num_shards: int, order_
     }
     order = _channel_order(LatentShards(out, verify=False, manifest=manifest), order_samples)
     stats = {"num_samples": num_samples, "mean": mean.tolist(), "std": std.tolist(), "channel_order": order,
-             "description": "posterior mean x scale, both views, all samples; channel_order from the image view of "
-                   f"{min(order_samples, num_samples)} evenly spaced samples"}
+             "description": "posterior mean x scale, both views, all samples; channel_order from the image "
+                            f"view of {min(order_samples, num_samples)} evenly spaced samples"}
     atomic_write_text(out / STATS, json.dumps(stats, indent=1) + "\n")
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")  # last: marks the folder done
     return manifest
@@ -285,83 +372,23 @@ def run(cfg: PrecomputeConfig, rank: int = 0, world: int = 1, local_rank: int = 
     mine = [s for s in range(num_shards) if s % world == rank]
     _remove_stale_temps(out, mine)
     pending = [s for s in mine if _finished_sidecar(out, s, cfg.verify_existing) is None]
-    batches = [list(range(start, min(start + cfg.batch_size, stop)))
+    batches = [list(range(start, min(start + cfg.batch_size, stop)))  # never across a shard boundary
                for s in pending
                for stop in [min(n, (s + 1) * per)]
                for start in range(s * per, stop, cfg.batch_size)]
-    todo = sum(len(b) for b in batches)
     loader = DataLoader(ImageDataset(images, cfg.resolution), batch_sampler=batches, collate_fn=collate,
                         num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
                         prefetch_factor=4 if cfg.num_workers else None)
-    C = vae.latent_channels
-    writer = ThreadPoolExecutor(max_workers=1)  # shard writing overlaps the next shard's encoding
-    writes: list[Future] = []
-    accs: dict[int, _ShardAccumulator] = {}
-    encoded = 0
-    bar = tqdm(total=todo, unit="img", desc=f"precompute rank {rank}", disable=not cfg.progress or rank != 0,
-               smoothing=0.1, dynamic_ncols=True)
-
-    def finish(batch: dict, moments: torch.Tensor, indices: torch.Tensor | None) -> None:
-        """Host side of one batch: file it into its shard; hand a full shard to the writer thread."""
-        shard = (batch["indices"] or [batch["rejected"][0][0]])[0] // per
-        acc = accs.setdefault(shard, _ShardAccumulator(shard, min(n, (shard + 1) * per) - shard * per))
-        acc.rejected.extend(batch["rejected"])
-        if batch["indices"]:
-            m = moments.numpy()  # [b, 2, 2C, h, w] float16
-            acc.keys.extend(sample_key(i) for i in batch["indices"])
-            acc.moments.extend(m)
-            acc.labels.extend(batch["labels"].tolist())
-            if indices is not None:
-                acc.indices.extend(indices.numpy())
-            lat = m[:, :, :C].astype(np.float64) * vae.scale  # scaled posterior means, both views
-            sums = np.stack([lat.sum(axis=(0, 1, 3, 4)), (lat**2).sum(axis=(0, 1, 3, 4))])
-            acc.sums = sums if acc.sums is None else acc.sums + sums
-            acc.elements += lat.size // C
-        acc.seen += len(batch["indices"]) + len(batch["rejected"])
-        if acc.seen == acc.size:
-            while len(writes) >= 2:  # bound the memory held by shards waiting to be written
-                writes.pop(0).result()
-            writes.append(writer.submit(_write_shard_files, out, accs.pop(shard), images, cfg.store_indices))
-
+    collector = _ShardCollector(out, images, per, vae.latent_channels, vae.scale, cfg.store_indices)
+    bar = tqdm(total=sum(map(len, batches)), unit="img", desc=f"precompute rank {rank}",
+               disable=not cfg.progress or rank != 0, smoothing=0.1, dynamic_ncols=True)
     loop_start = time.time()
-    in_flight: tuple | None = None  # GPU: batch k's device→host copy completes while batch k+1 encodes
     try:
-        for batch in loader if batches else ():
-            current = None
-            if batch["images"] is not None:
-                moments = _encode_batch(vae, batch["images"], device, autocast, channels_last)
-                idx = None
-                if quantizer is not None:
-                    b = moments.shape[0]
-                    means = moments[:, :, :C].float().flatten(0, 1) * vae.scale  # [2b, C, h, w]
-                    idx = quantizer.quantize(means, channel_dim=1).view(b, 2, C, *means.shape[-2:])
-                if device.type == "cuda":
-                    moments = moments.to("cpu", non_blocking=True)
-                    idx = idx.to("cpu", non_blocking=True) if idx is not None else None
-                    event = torch.cuda.Event()
-                    event.record()
-                    current = (batch, moments, idx, event)
-                else:
-                    current = (batch, moments, idx, None)
-                encoded += len(batch["indices"])
-            else:
-                current = (batch, None, None, None)
-            if in_flight is not None:
-                if in_flight[3] is not None:
-                    in_flight[3].synchronize()
-                finish(*in_flight[:3])
-            in_flight = current
-            bar.update(len(batch["indices"]) + len(batch["rejected"]))
-        if in_flight is not None:
-            if in_flight[3] is not None:
-                in_flight[3].synchronize()
-            finish(*in_flight[:3])
-        for f in writes:
-            f.result()
-        loop_seconds = time.time() - loop_start
+        encoded = _encode_all(loader, vae, quantizer, device, autocast, channels_last, collector, bar) if batches else 0
     finally:
         bar.close()
-        writer.shutdown(wait=True)
+        collector.close()
+    loop_seconds = time.time() - loop_start
 
     dist.barrier()
     manifest = None

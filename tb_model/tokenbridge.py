@@ -82,7 +82,7 @@ class TokenBridge(nn.Module):
 
     # -- training --------------------------------------------------------------------------------
     def forward(self, latents: Tensor, labels: Tensor, mask: Tensor | None = None) -> dict[str, Tensor]:
-        """latents: scaled continuous latents [B, C, h, w]; labels long [B].
+        """latents: scaled continuous latents [B, C, h, w] (any float dtype); labels long [B].
 
         mask (optional, bool [B, L], True = predicted; equal count per row) replaces the random MAR
         mask. -> {"loss": scalar, "ce_per_channel": [C] (detached, in generation order)}.
@@ -91,7 +91,7 @@ class TokenBridge(nn.Module):
         """
         x = self._to_tokens(latents)
         idx = self.quantizer.quantize(x, channel_dim=-1).long()
-        values = self.quantizer.dequantize(idx, channel_dim=-1, dtype=latents.dtype)
+        values = self.quantizer.dequantize(idx, channel_dim=-1, dtype=self._dtype)
         targets = idx[..., list(self.channel_perm)]
         if mask is None:
             orders = self.mar.sample_orders(x.shape[0], x.device)

@@ -295,3 +295,12 @@ def test_overfit_eight_images_and_regenerate() -> None:
             out = model.generate(y, num_iter=num_iter, temperature=0.0, order=order,
                                  generator=torch.Generator().manual_seed(0))
             assert torch.equal(out, target), (order, num_iter)
+
+
+def test_bf16_model_takes_fp32_latents() -> None:
+    model = create("tiny", **SMALL).bfloat16()
+    out = model(torch.randn(2, 4, 4, 4), torch.tensor([1, 2]))
+    out["loss"].backward()
+    assert math.isfinite(out["loss"].item())
+    lat = model.generate(torch.tensor([1, 2]), num_iter=3, cfg=2.0, order="confidence")
+    assert lat.dtype == torch.float32 and lat.shape == (2, 4, 4, 4)

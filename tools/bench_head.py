@@ -1,0 +1,140 @@
+"""Benchmark: per-position token sampling cost of TokenBridge's AR head vs MAR's diffusion head.
+
+Part 1 (same z, random weights): per call of N positions, time of
+  (a) the AR head with a KV cache (TokenBridge's default here),
+  (b) the same head recomputing the prefix at every channel (the released code's loop),
+  (c) MAR's diffusion head of the matching MAR size, 100 DDPM steps, CFG inside the head (2N rows),
+while TokenBridge applies CFG to z and runs its head once on N rows. Ratios are measured in the same
+run and printed next to the FLOP ratio (FLOPs counted by torch.utils.flop_counter on one call) that
+bounds each speed-up.
+Part 2: whole-image generation at num_iter 64 with CFG: the head's share of the total time, and the
+default loop (batched CFG + KV cache) vs the official-style loop (two MAR passes + prefix recompute).
+
+Usage: python tools/bench_head.py [--sizes tiny,L,H] [--batch 1,64] [--whole tiny] [--dtype fp32|bf16]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from tb_model.diffloss import MAR_DIFFUSION_SIZES, DiffusionHead
+from tb_model.head import ARHead
+from tb_model.registry import create, resolve, ModelConfig
+
+TINY_DIFFUSION = (2, 64)  # blocks x width for the tiny size (MAR has no tiny diffusion head)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def timed(fn: Callable[[], object], min_time: float, max_repeats: int) -> float:
+    """Median seconds per call; one untimed warm-up unless a call takes > 2 s."""
+    t0 = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t0
+    if first > 2.0:
+        return first
+    times: list[float] = []
+    while len(times) < max_repeats and (sum(times) < min_time or len(times) < 2):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def flops(fn: Callable[[], object]) -> float:
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def bench_heads(size: str, batch: int, dtype: torch.dtype, cfg_scale: float, args: argparse.Namespace) -> dict:
+    cfg = resolve(ModelConfig(size=size))
+    torch.manual_seed(0)
+    head = ARHead(cfg.width, cfg.head_width, cfg.head_depth, cfg.head_num_heads, cfg.latent_channels,
+                  cfg.quantizer.levels).to(dtype).eval()
+    depth, width = MAR_DIFFUSION_SIZES.get(size, TINY_DIFFUSION)
+    diff = DiffusionHead(cfg.latent_channels, cfg.width, width, depth).to(dtype).eval()
+    z = torch.randn(batch, cfg.width, dtype=dtype)
+    z2 = torch.randn(2 * batch, cfg.width, dtype=dtype)
+    gen = torch.Generator().manual_seed(0)
+    runs = {
+        "cache": lambda: head.sample(z, 1.0, gen, use_cache=True),
+        "prefix": lambda: head.sample(z, 1.0, gen, use_cache=False),
+        "diffusion": lambda: diff.sample(z2, 1.0, cfg_scale, steps=100, generator=gen),
+    }
+    out = {"size": size, "batch": batch}
+    with torch.inference_mode():
+        for name, fn in runs.items():
+            out[f"t_{name}"] = timed(fn, args.min_time, args.repeats)
+            out[f"f_{name}"] = flops(fn)
+    return out
+
+
+def bench_whole(size: str, dtype: torch.dtype, cfg_scale: float, num_iter: int) -> dict:
+    torch.manual_seed(0)
+    model = create(size).to(dtype).eval()
+    labels = torch.tensor([1])
+    head_time = [0.0]
+    inner = model.head.sample
+
+    def timed_sample(*a, **k):
+        t0 = time.perf_counter()
+        result = inner(*a, **k)
+        head_time[0] += time.perf_counter() - t0
+        return result
+
+    model.head.sample = timed_sample
+    out = {"size": size}
+    for name, official in (("fast", False), ("official", True)):
+        head_time[0] = 0.0
+        t0 = time.perf_counter()
+        model.generate(labels, num_iter=num_iter, cfg=cfg_scale, generator=torch.Generator().manual_seed(0),
+                       official=official)
+        out[f"t_{name}"] = time.perf_counter() - t0
+        out[f"head_{name}"] = head_time[0]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="tiny,L,H", help="comma list of tiny, base, L, H (part 1)")
+    ap.add_argument("--batch", default="1,64", help="comma list of positions per head call (part 1)")
+    ap.add_argument("--whole", default="tiny", help="comma list of sizes for whole-image generation; '' = skip")
+    ap.add_argument("--num-iter", type=int, default=64)
+    ap.add_argument("--cfg", type=float, default=3.0)
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
+    ap.add_argument("--repeats", type=int, default=5, help="max timed calls per measurement")
+    ap.add_argument("--min-time", type=float, default=0.5, help="seconds of timed calls to aim for")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = DTYPES[args.dtype]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, cfg {args.cfg}")
+    print("Part 1: head sampling per call (ms) and ratios (measured | FLOPs)")
+    print(f"{'size':>5} {'N':>4} {'cache':>9} {'prefix':>9} {'diffusion':>10} "
+          f"{'prefix/cache':>17} {'diffusion/cache':>18}")
+    for size in [s for s in args.sizes.split(",") if s]:
+        for batch in [int(b) for b in args.batch.split(",") if b]:
+            r = bench_heads(size, batch, dtype, args.cfg, args)
+            pc, dc = r["t_prefix"] / r["t_cache"], r["t_diffusion"] / r["t_cache"]
+            fpc, fdc = r["f_prefix"] / r["f_cache"], r["f_diffusion"] / r["f_cache"]
+            print(f"{size:>5} {batch:>4} {1e3 * r['t_cache']:9.2f} {1e3 * r['t_prefix']:9.2f} "
+                  f"{1e3 * r['t_diffusion']:10.2f} {pc:7.2f} | {fpc:6.2f}  {dc:8.2f} | {fdc:6.2f}", flush=True)
+    sizes = [s for s in args.whole.split(",") if s]
+    if sizes:
+        print(f"Part 2: whole-image generation, batch 1, num_iter {args.num_iter}, cfg {args.cfg} (s)")
+        print(f"{'size':>5} {'fast':>8} {'head share':>10} {'official':>9} {'head share':>10} {'official/fast':>13}")
+    for size in sizes:
+        r = bench_whole(size, dtype, args.cfg, args.num_iter)
+        print(f"{size:>5} {r['t_fast']:8.2f} {100 * r['head_fast'] / r['t_fast']:9.1f}% {r['t_official']:9.2f} "
+              f"{100 * r['head_official'] / r['t_official']:9.1f}% {r['t_official'] / r['t_fast']:13.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

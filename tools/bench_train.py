@@ -1,0 +1,332 @@
+"""Training benchmark (a measurement, not a test): MFU, activation-checkpointing cost, ZeRO memory per rank.
+
+Runs the real training engine (tb_train.engine.build_engine: DeepSpeed, AdamW, EMA) on random latents,
+each configuration in a fresh subprocess so that its memory figures are its own:
+
+1. checkpointing none / full / every_2 × fp32 / bf16, one process, ZeRO stage 0 (`--ckpt-stage`):
+   step time; model FLOP/s (model.flops_per_sample() × samples / step time, recomputation not counted)
+   ÷ the GEMM FLOP/s of the same dtype measured in the same process (tb_train.metrics.measure_peak_flops);
+   activation memory = RSS after a training-mode forward (graph alive) − RSS before it; step peak =
+   highest RSS during a step − RSS before it (activations + gradients + temporaries).
+2. ZeRO stage 0 / 1 / 2 / 3 at 2 ranks (gloo): bytes per rank of the parameter storage the rank holds
+   (its partition under stage 3), the optimizer's own parameter copies (fp32 masters where DeepSpeed keeps
+   them), the optimizer state (Adam moments) and the EMA, after one step; plus RSS growth since before
+   the model was built.
+
+RSS is read from /proc/self/status (VmRSS, VmHWM; VmHWM reset through /proc/self/clear_refs) with
+MALLOC_MMAP_THRESHOLD_=65536 so that freed tensors go back to the OS and RSS follows live memory.
+Usage: python tools/bench_train.py [--size base] [--micro-batch 2] [--steps 2] [--out bench.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MARK = "BENCH_RESULT "
+POLICIES = {"none": ("none", 1), "full": ("full", 1), "every_2": ("every_k", 2)}
+GIB = 2 ** 30
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--size", default="base", help="model preset for parts 1 and 2")
+    p.add_argument("--latent-size", type=int, default=16, help="latent grid side (16 = 256 px with KL-16)")
+    p.add_argument("--micro-batch", type=int, default=2, help="images per step in part 1")
+    p.add_argument("--steps", type=int, default=2, help="timed steps per configuration (after 1 warm-up)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads of the part-1 process")
+    p.add_argument("--dtypes", nargs="*", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    p.add_argument("--policies", nargs="*", default=list(POLICIES), choices=list(POLICIES))
+    p.add_argument("--ckpt-stage", type=int, default=0, help="ZeRO stage of part 1")
+    p.add_argument("--zero-stages", nargs="*", type=int, default=[0, 1, 2, 3], help="part 2; none = skip")
+    p.add_argument("--zero-dtype", default="bf16", choices=["fp32", "bf16"])
+    p.add_argument("--zero-micro-batch", type=int, default=1)
+    p.add_argument("--timeout", type=int, default=1200, help="seconds per configuration")
+    p.add_argument("--out", default=None, help="also write all results as JSON here")
+    p.add_argument("--worker", choices=["ckpt", "zero"], help=argparse.SUPPRESS)
+    p.add_argument("--dtype", default="fp32", help=argparse.SUPPRESS)
+    p.add_argument("--policy", default="none", help=argparse.SUPPRESS)
+    p.add_argument("--stage", type=int, default=0, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- process memory
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{field}:\s+(\d+)", f.read(), re.M).group(1))
+
+
+def rss_bytes() -> int:
+    return _status_kib("VmRSS") * 1024
+
+
+def reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_rss_bytes() -> int:
+    return _status_kib("VmHWM") * 1024
+
+
+# ----------------------------------------------------------------------------- workers
+
+def _engine(args: argparse.Namespace, stage: int, dtype: str, policy: str, micro_batch: int):
+    from tb_model.registry import create
+    from tb_train.dist import init_distributed
+    from tb_train.engine import EngineConfig, OptimConfig, build_engine
+
+    dist = init_distributed()
+    policy_name, k = POLICIES[policy]
+    cfg = EngineConfig(deepspeed=f"zero{stage}", precision=dtype, activation_checkpointing=policy_name,
+                       checkpoint_k=k)
+    rss_before_model = rss_bytes()
+    engine = build_engine(lambda: create(args.size, latent_size=args.latent_size), cfg, OptimConfig(),
+                          micro_batch, dist)
+    return dist, engine, rss_before_model
+
+
+def _batch(engine, micro_batch: int, step: int, micro_id: int):
+    import torch
+    from tb_train.engine import MicroInput, derive_seed
+
+    cfg = engine.module.config
+    g = torch.Generator().manual_seed(derive_seed(0, step, micro_id, 1))
+    latents = torch.randn(micro_batch, cfg.latent_channels, cfg.latent_size, cfg.latent_size, generator=g)
+    labels = torch.randint(0, cfg.num_classes, (micro_batch,), generator=g)
+    return MicroInput(latents, labels, derive_seed(0, step, micro_id, 0))
+
+
+def ckpt_worker(args: argparse.Namespace) -> dict:
+    """Part 1, one process: step time, MFU against this process's GEMM peak, activation memory."""
+    import torch
+    from tb_train.dist import shutdown
+    from tb_train.metrics import measure_peak_flops
+
+    torch.set_num_threads(args.threads)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    gemm = measure_peak_flops(dtype, device="cpu")
+    dist, engine, _ = _engine(args, args.ckpt_stage, args.dtype, args.policy, args.micro_batch)
+    b = args.micro_batch
+    engine.step([_batch(engine, b, 0, 0)], lr=1e-4)  # warm-up: allocates optimizer state and gradients
+    times, step_peaks = [], []
+    for s in range(1, args.steps + 1):
+        mb = _batch(engine, b, s, 0)
+        before = rss_bytes()
+        reset_peak_rss()
+        t0 = time.perf_counter()
+        engine.step([mb], lr=1e-4)
+        times.append(time.perf_counter() - t0)
+        step_peaks.append(peak_rss_bytes() - before)
+    mb = _batch(engine, b, args.steps + 1, 0)
+    torch.manual_seed(mb.seed)
+    engine.ds.train()
+    before = rss_bytes()
+    out = engine.ds(mb.latents.to(dtype), mb.labels)
+    activations = rss_bytes() - before
+    del out
+    step_time = sum(times) / len(times)
+    flops = engine.module.flops_per_sample() * b / step_time
+    shutdown()
+    return {"dtype": args.dtype, "policy": args.policy, "micro_batch": b, "step_time_s": step_time,
+            "model_flops": flops, "gemm_flops": gemm, "mfu_vs_gemm": flops / gemm,
+            "activation_bytes": activations, "step_peak_bytes": max(step_peaks),
+            "process_peak_bytes": _status_kib("VmPeak") * 1024}
+
+
+def _storage_key(t) -> tuple[int, int]:
+    return t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
+
+
+# Where DeepSpeed's optimizer wrappers keep the fp32 master weights of this rank (BF16_Optimizer, ZeRO 1/2,
+# ZeRO 3); the innermost torch optimizer holds them in param_groups only while it steps.
+MASTER_ATTRS = ("fp32_groups_flat_partition", "single_partition_of_fp32_groups", "fp32_partitioned_groups_flat")
+
+
+def _optimizer_chain(opt) -> list:
+    """The DeepSpeed wrapper(s) down to the torch optimizer, outermost first."""
+    import torch
+
+    chain = [opt]
+    while not isinstance(chain[-1], torch.optim.Optimizer) and hasattr(chain[-1], "optimizer"):
+        chain.append(chain[-1].optimizer)
+    return chain
+
+
+def _tensors_in(value, depth: int = 2):
+    """Tensors directly in `value` or nested in lists/tuples/dicts up to `depth` levels."""
+    import torch
+
+    if torch.is_tensor(value):
+        yield value
+    elif depth and isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors_in(v, depth - 1)
+    elif depth and isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors_in(v, depth - 1)
+
+
+def zero_worker(args: argparse.Namespace) -> dict:
+    """Part 2, one rank of two: bytes of parameters / optimizer copies / optimizer state / EMA held here."""
+    import torch
+    from tb_train.dist import shutdown
+
+    torch.set_num_threads(1)
+    dist, engine, rss_before_model = _engine(args, args.stage, args.dtype, "none", args.zero_micro_batch)
+    engine.step([_batch(engine, args.zero_micro_batch, 0, dist.rank)], lr=1e-4)
+    counted: set[tuple[int, int]] = set()
+
+    def add(tensors) -> int:
+        total = 0
+        for t in tensors:
+            key = _storage_key(t)
+            if t.numel() and key not in counted:
+                counted.add(key)
+                total += key[1]
+        return total
+
+    params = add(getattr(p, "ds_tensor", p.data) for p in engine.module.parameters())
+    chain = _optimizer_chain(engine.ds.optimizer)
+    wrappers, opt = chain[:-1], chain[-1]
+    masters = add(t for w in wrappers for a in MASTER_ATTRS for t in _tensors_in(getattr(w, a, None)))
+    masters += add(p for g in opt.param_groups for p in g["params"])
+    state = add(v for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
+    ema = add(s.ema for s in engine.ema.slots if s.ema is not None)
+    buffers = add(t for w in wrappers for v in vars(w).values() for t in _tensors_in(v))
+    result = {"stage": args.stage, "dtype": args.dtype, "rank": dist.rank, "param_bytes": params,
+              "master_bytes": masters, "optim_state_bytes": state, "ema_bytes": ema, "other_optimizer_bytes": buffers,
+              "rss_growth_bytes": rss_bytes() - rss_before_model,
+              "num_params": sum(int(torch.Size(getattr(p, "ds_shape", p.shape)).numel())
+                                for p in engine.module.parameters())}
+    shutdown()
+    return result
+
+
+# ----------------------------------------------------------------------------- driver
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(worker_args: list[str], envs: list[dict], timeout: int) -> list[dict]:
+    """Start one process per env (the ranks of one configuration); collect each one's result line."""
+    procs = []
+    for extra in envs:
+        env = dict(os.environ, DS_ACCELERATOR="cpu", MALLOC_MMAP_THRESHOLD_="65536",
+                   PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **extra)
+        procs.append(subprocess.Popen([sys.executable, __file__, *worker_args], env=env, cwd=ROOT,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    results = []
+    for proc in procs:
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise RuntimeError(f"bench worker {' '.join(worker_args)} exceeded {timeout} s") from None
+        lines = [line[len(MARK):] for line in out.splitlines() if line.startswith(MARK)]
+        if proc.returncode != 0 or not lines:
+            tail = "\n".join(out.splitlines()[-25:])
+            raise RuntimeError(f"bench worker {' '.join(worker_args)} failed (exit {proc.returncode}):\n{tail}")
+        results.append(json.loads(lines[-1]))
+    return results
+
+
+def _common_args(args: argparse.Namespace) -> list[str]:
+    return ["--size", args.size, "--latent-size", str(args.latent_size), "--micro-batch", str(args.micro_batch),
+            "--steps", str(args.steps), "--threads", str(args.threads), "--ckpt-stage", str(args.ckpt_stage),
+            "--zero-micro-batch", str(args.zero_micro_batch)]
+
+
+def run_ckpt(args: argparse.Namespace) -> list[dict]:
+    rows = []
+    for dtype in args.dtypes:
+        for policy in args.policies:
+            worker = ["--worker", "ckpt", "--dtype", dtype, "--policy", policy, *_common_args(args)]
+            env = {"OMP_NUM_THREADS": str(args.threads)}
+            (row,) = _launch(worker, [env], args.timeout)
+            rows.append(row)
+            print(f"  ckpt {dtype} {policy}: {row['step_time_s']:.2f} s/step", file=sys.stderr, flush=True)
+    return rows
+
+
+def run_zero(args: argparse.Namespace) -> list[dict]:
+    rows = []
+    for stage in args.zero_stages:
+        port = str(_free_port())
+        envs = [{"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"} for r in range(2)]
+        worker = ["--worker", "zero", "--stage", str(stage), "--dtype", args.zero_dtype, *_common_args(args)]
+        rows += _launch(worker, envs, args.timeout)
+        print(f"  zero {stage} done", file=sys.stderr, flush=True)
+    return rows
+
+
+def format_ckpt(rows: list[dict]) -> str:
+    lines = ["| dtype | ckpt | s/step | time × none | model GFLOP/s | GEMM GFLOP/s | MFU vs GEMM "
+             "| activations GiB | act × none | step peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    base = {r["dtype"]: r for r in rows if r["policy"] == "none"}
+    for r in rows:
+        ref = base.get(r["dtype"])
+        t_ratio = f"{r['step_time_s'] / ref['step_time_s']:.2f}" if ref else "-"
+        a_ratio = f"{r['activation_bytes'] / ref['activation_bytes']:.2f}" if ref else "-"
+        lines.append(f"| {r['dtype']} | {r['policy']} | {r['step_time_s']:.2f} | {t_ratio} "
+                     f"| {r['model_flops'] / 1e9:.0f} | {r['gemm_flops'] / 1e9:.0f} | {r['mfu_vs_gemm']:.1%} "
+                     f"| {r['activation_bytes'] / GIB:.2f} | {a_ratio} | {r['step_peak_bytes'] / GIB:.2f} |")
+    return "\n".join(lines)
+
+
+def format_zero(rows: list[dict]) -> str:
+    lines = ["| ZeRO | dtype | rank | params GiB | optimizer copies GiB | Adam state GiB | EMA GiB "
+             "| params+optimizer GiB | × stage 0 | other optimizer buffers GiB | RSS growth GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    total = {(r["stage"], r["rank"]): r["param_bytes"] + r["master_bytes"] + r["optim_state_bytes"] for r in rows}
+    for r in rows:
+        t = total[(r["stage"], r["rank"])]
+        ref = total.get((0, r["rank"]))
+        ratio = f"{t / ref:.2f}" if ref else "-"
+        lines.append(f"| {r['stage']} | {r['dtype']} | {r['rank']} | {r['param_bytes'] / GIB:.3f} "
+                     f"| {r['master_bytes'] / GIB:.3f} | {r['optim_state_bytes'] / GIB:.3f} | {r['ema_bytes'] / GIB:.3f} "
+                     f"| {t / GIB:.3f} | {ratio} | {r['other_optimizer_bytes'] / GIB:.3f} "
+                     f"| {r['rss_growth_bytes'] / GIB:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        result = ckpt_worker(args) if args.worker == "ckpt" else zero_worker(args)
+        print(MARK + json.dumps(result), flush=True)
+        return 0
+    t0 = time.time()
+    ckpt = run_ckpt(args) if args.dtypes and args.policies else []
+    zero = run_zero(args) if args.zero_stages else []
+    load = os.getloadavg()
+    if ckpt:
+        print(f"\nActivation checkpointing and MFU ({args.size}, micro-batch {args.micro_batch}, "
+              f"{args.threads} threads, ZeRO {args.ckpt_stage}):\n" + format_ckpt(ckpt))
+    if zero:
+        n = zero[0]["num_params"]
+        print(f"\nZeRO memory per rank at 2 ranks ({args.size}, {n / 1e6:.1f}M params, {args.zero_dtype}):\n"
+              + format_zero(zero))
+    print(f"\nwall {time.time() - t0:.0f} s; load average at the end {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} "
+          f"on {os.cpu_count()} CPUs")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"args": vars(args), "ckpt": ckpt, "zero": zero}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -165,6 +165,13 @@ class LatentLoader:
                                                    self.num_samples)
         return batches
 
+    @property
+    def samples_seen(self) -> int:
+        """Position on the data axis: epoch × (steps_per_epoch × G) + consumed. Divided by
+        steps_per_epoch × G it is the fractional epoch (the x of epoch_1000x), also after a resume that
+        changed G."""
+        return self.epoch * self.steps_per_epoch * self.global_batch + self.consumed
+
     def close(self) -> None:
         """Stop the reader workers (they also stop when the loader is garbage collected)."""
         self._iter = None

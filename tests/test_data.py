@@ -109,7 +109,9 @@ def test_epoch_rollover_gives_a_new_order_and_views(folder):
     for _ in range(2):
         epochs.append([row for _ in range(lo.steps_per_epoch) for row in global_step([lo])])
         assert lo.consumed == 0
-    assert lo.epoch == 2
+    assert lo.epoch == 2 and lo.samples_seen == 2 * 50
+    global_step([lo])
+    assert lo.samples_seen == 110 and lo.state_dict() == {"epoch": 2, "consumed": 10, "seed": 0}
     assert [i for i, _ in epochs[1]] == epoch_order(0, 1, N)[:50].tolist()
     assert [i for i, _ in epochs[0]] != [i for i, _ in epochs[1]]
     for e, rows in enumerate(epochs):

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from tb_train.demo_data import ensure_demo_images
-from tb_train.shards import group_members, tar_members
+from tb_train.shards import PreadFiles, group_members, tar_members
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
 DEMO_PREFIX = "demo:"
@@ -139,24 +139,19 @@ def list_images(spec: str) -> ImageList:
 class ImageDataset(torch.utils.data.Dataset):
     """Global sample index -> (index, uint8 image [3, R, R] or None, class id, rejection reason).
 
-    Runs in DataLoader workers; tar members are read with os.pread on a per-process descriptor.
+    Runs in DataLoader workers; tar members are read with positioned reads (`PreadFiles`).
     """
 
     def __init__(self, images: ImageList, resolution: int):
         self.images = images
         self.resolution = resolution
-        self._fds: dict[int, int] = {}
-        self._pid = os.getpid()
+        self._files = PreadFiles()
 
     def __len__(self) -> int:
         return len(self.images)
 
     def _read_tar(self, tar: int, offset: int, size: int) -> bytes:
-        if self._pid != os.getpid():
-            self._fds, self._pid = {}, os.getpid()
-        if tar not in self._fds:
-            self._fds[tar] = os.open(self.images.tars[tar], os.O_RDONLY)
-        return os.pread(self._fds[tar], size, offset)
+        return self._files.read(self.images.tars[tar], offset, size)
 
     def _load(self, index: int) -> tuple[Image.Image, int]:
         if self.images.spans is None:

@@ -108,6 +108,39 @@ def write_shard(
     return digest
 
 
+class PreadFiles:
+    """Positioned reads through per-process file descriptors.
+
+    os.pread has no shared file offset, so forked DataLoader workers can read the same files; a forked
+    or unpickled copy notices the new pid and opens its own descriptors.
+    """
+
+    def __init__(self) -> None:
+        self._fds: dict[str, int] = {}
+        self._pid = os.getpid()
+
+    def read(self, path: str | os.PathLike, offset: int, size: int) -> bytes:
+        if self._pid != os.getpid():
+            self._fds, self._pid = {}, os.getpid()
+        key = os.fspath(path)
+        fd = self._fds.get(key)
+        if fd is None:
+            fd = self._fds[key] = os.open(key, os.O_RDONLY)
+        return os.pread(fd, size, offset)
+
+    def close(self) -> None:
+        if self._pid == os.getpid():
+            for fd in self._fds.values():
+                os.close(fd)
+        self._fds = {}
+
+    def __getstate__(self) -> dict:
+        return {"_fds": {}, "_pid": self._pid}
+
+    def __del__(self) -> None:
+        self.close()
+
+
 @dataclass(frozen=True)
 class _Entry:
     """Byte ranges of one sample's members inside its tar (offset, size); indices may be absent."""
@@ -166,7 +199,7 @@ class LatentShards:
 
     Index i (0 <= i < len) runs densely over the stored samples in key order. Each shard's tar headers
     are scanned once, on first access to that shard; a read is then one positioned read per member
-    (os.pread, so forked DataLoader workers never share a file offset).
+    (`PreadFiles`, safe in forked DataLoader workers).
     """
 
     def __init__(self, folder: str | os.PathLike, verify: bool = True, manifest: dict | None = None):
@@ -191,8 +224,7 @@ class LatentShards:
                     raise ShardError(f"shard {path}: sha256 mismatch (manifest {s['sha256'][:12]}…, "
                                      f"file {got[:12]}…): corrupt or modified")
         self._index: dict[int, list[_Entry]] = {}
-        self._fds: dict[int, int] = {}
-        self._pid = os.getpid()
+        self._files = PreadFiles()
 
     def __len__(self) -> int:
         return self._ends[-1] if self._ends else 0
@@ -216,13 +248,7 @@ class LatentShards:
         return self._index[shard]
 
     def _pread(self, shard: int, span: tuple[int, int]) -> bytes:
-        if self._pid != os.getpid():  # forked into a worker: the parent's descriptors are not ours
-            self._fds, self._pid = {}, os.getpid()
-        fd = self._fds.get(shard)
-        if fd is None:
-            fd = self._fds[shard] = os.open(self.folder / self.shards[shard]["name"], os.O_RDONLY)
-        offset, size = span
-        return os.pread(fd, size, offset)
+        return self._files.read(self.folder / self.shards[shard]["name"], *span)
 
     def key(self, index: int) -> str:
         """The sample's key (`%09d` of its position in the sorted input list)."""
@@ -245,24 +271,10 @@ class LatentShards:
         return np.load(io.BytesIO(self._pread(shard, e.indices)), allow_pickle=False)
 
     def close(self) -> None:
-        if self._pid == os.getpid():
-            for fd in self._fds.values():
-                os.close(fd)
-        self._fds = {}
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_fds"] = {}
-        return state
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
+        self._files.close()
 
 
 __all__ = [
     "FORMAT", "MANIFEST", "STATS", "REJECTED", "ShardError", "shard_name", "sample_key", "sha256_file",
-    "write_shard", "tar_members", "group_members", "index_tar", "read_manifest", "LatentShards",
+    "PreadFiles", "write_shard", "tar_members", "group_members", "index_tar", "read_manifest", "LatentShards",
 ]

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .mar import LN_EPS, Attention, Mlp
+from .mar import LN_EPS, Attention, Mlp, init_layers
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -45,9 +45,22 @@ class AdaLNBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), dropout)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x: Tensor, c: Tensor, cache: Tensor | None = None, pos: int = 0) -> Tensor:
-        """x, c [N, T, dim]; cache [2, N, heads, S, head_dim] (see Attention) or None."""
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)
+    def forward(self, x: Tensor, c: Tensor, cache: Tensor | None = None, pos: int = 0,
+                mod: Tensor | None = None) -> Tensor:
+        """x [N, T, dim] at positions pos..pos+T-1, c [N, T, dim] their conditions.
+
+        Cached sampling (one token per call): cache [2, N, heads, S, head_dim] (see Attention) and
+        mod [N, S, 6 dim], a caller-owned modulation cache; c then holds the conditions of ALL S
+        steps, whose modulation is computed in one matmul at pos 0 and read back later (at small
+        batch the weight reads, not the FLOPs, bound the speed).
+        """
+        if mod is None:
+            m = self.adaLN_modulation(c)
+        else:
+            if pos == 0:
+                mod.copy_(self.adaLN_modulation(c))
+            m = mod[:, pos:pos + x.shape[1]]
+        shift1, scale1, gate1, shift2, scale2, gate2 = m.chunk(6, dim=-1)
         x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), self.causal, cache, pos)
         return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
@@ -61,7 +74,11 @@ class FinalModulation(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        scale, shift = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.apply_modulation(x, self.adaLN_modulation(c))
+
+    def apply_modulation(self, x: Tensor, mod: Tensor) -> Tensor:
+        """x [N, T, dim], mod = adaLN_modulation(c) [N, T, 2 dim] -> [N, T, dim]."""
+        scale, shift = mod.chunk(2, dim=-1)
         return modulate(self.norm_final(x), shift, scale)
 
 
@@ -103,16 +120,8 @@ class _HeadBase(nn.Module):
         self.classifiers = nn.ModuleList(nn.Linear(width, self.classes) for _ in range(self.steps))
 
     def init_weights(self) -> None:
-        """Authors' init: xavier Linear, N(0, 0.02) embeddings, zero adaLN (blocks start as identity)."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Embedding):
-                nn.init.normal_(m.weight, std=0.02)
-            elif isinstance(m, nn.LayerNorm) and m.weight is not None:
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        """Authors' init (`init_layers`), N(0, 0.02) embeddings, zero adaLN (blocks start as identity)."""
+        init_layers(self)
         nn.init.normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.step_embed, std=0.02)
         for blk in [*self.blocks, self.final]:
@@ -190,18 +199,19 @@ class ARHead(_HeadBase):
         c_all = cond[:, None] + self.step_embed.to(cond.dtype)
         picked = torch.zeros(N, 0, dtype=torch.long, device=z.device)
         logp = torch.zeros(N, device=z.device, dtype=torch.promote_types(cond.dtype, torch.float32))
-        caches = None
         if use_cache:
             heads, head_dim = self._attn_shape()
-            caches = torch.empty(len(self.blocks), 2, N, heads, self.steps, head_dim, device=z.device, dtype=cond.dtype)
+            depth, width = len(self.blocks), cond.shape[-1]
+            caches = torch.empty(depth, 2, N, heads, self.steps, head_dim, device=z.device, dtype=cond.dtype)
+            mods = torch.empty(depth, N, self.steps, 6 * width, device=z.device, dtype=cond.dtype)
+            final_mod = self.final.adaLN_modulation(c_all)
         for s in range(self.steps):
             if use_cache:
                 x = self._inputs(cond, picked)[:, s:s + 1] if s == 0 else (
                     self.token_embed[s - 1](picked[:, s - 1])[:, None] + self.pos_embed[:, s:s + 1].to(cond.dtype))
-                c = c_all[:, s:s + 1]
                 for i, blk in enumerate(self.blocks):
-                    x = blk(x, c, caches[i], s)
-                h = self.final(self.norm(x), c)
+                    x = blk(x, c_all, caches[i], s, mods[i])
+                h = self.final.apply_modulation(self.norm(x), final_mod[:, s:s + 1])
             else:
                 x = self._inputs(cond, picked)
                 h = self._trunk(x, c_all[:, :s + 1])[:, s:s + 1]

@@ -24,6 +24,19 @@ from torch import Tensor, nn
 LN_EPS = 1e-6
 
 
+def init_layers(module: nn.Module) -> None:
+    """The authors' layer init: xavier-uniform Linear with zero bias, unit/zero LayerNorm, N(0, 0.02) Embedding."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+        elif isinstance(m, nn.LayerNorm) and m.weight is not None:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 class Mlp(nn.Module):
     """fc1 -> GELU -> dropout -> fc2 -> dropout (timm's Mlp layout)."""
 
@@ -145,15 +158,9 @@ class MAR(nn.Module):
         self.init_weights()
 
     def init_weights(self) -> None:
-        """The authors' init: xavier-uniform Linear, zero biases, unit LayerNorm, N(0, 0.02) embeddings."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm) and m.weight is not None:
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        for p in (self.class_emb.weight, self.fake_latent, self.mask_token, self.encoder_pos_embed_learned,
+        """The authors' init (see `init_layers`), N(0, 0.02) learned tokens and position embeddings."""
+        init_layers(self)
+        for p in (self.fake_latent, self.mask_token, self.encoder_pos_embed_learned,
                   self.decoder_pos_embed_learned, self.output_pos_embed):
             nn.init.normal_(p, std=0.02)
 

@@ -167,6 +167,7 @@ def _hash_files(files: tuple[str, ...]) -> str:
 
 @functools.lru_cache(maxsize=16)
 def _cached_hash(files: tuple[str, ...], stamps: tuple[tuple[int, int], ...]) -> str:
+    """`stamps` (size, mtime_ns per file) is only part of the cache key: a rewritten file is rehashed."""
     return _hash_files(files)
 
 

@@ -233,6 +233,17 @@ def test_wrong_mapping_is_visible(kl16, images):
     assert (swapped - mean).abs().max() > 1e-2
 
 
+def test_kl16_ldm_safetensors(kl16, kl16_vae, images, tmp_path):
+    """arch kl16 takes a .safetensors file of LDM keys (no config) and gives the same model."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "kl16.safetensors"
+    save_file(kl16[0].state_dict(), path)
+    vae = load_vae(VAEConfig(path=str(path), arch="kl16"))
+    assert vae.scale == KL16_SCALE
+    torch.testing.assert_close(vae.encode(images[:1]), kl16_vae.encode(images[:1]), atol=0, rtol=0)
+
+
 def test_converter_maps_block_attention_and_squeezes():
     sd = _shape_only(RefKL().state_dict())
     out = convert_ldm_vae_state_dict({**sd, "loss.logvar": torch.zeros(())})

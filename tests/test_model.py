@@ -304,3 +304,14 @@ def test_bf16_model_takes_fp32_latents() -> None:
     assert math.isfinite(out["loss"].item())
     lat = model.generate(torch.tensor([1, 2]), num_iter=3, cfg=2.0, order="confidence")
     assert lat.dtype == torch.float32 and lat.shape == (2, 4, 4, 4)
+
+
+def test_meta_build_then_materialize() -> None:
+    with torch.device("meta"):
+        model = create("tiny", **SMALL)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    ref = create("tiny", **SMALL)
+    torch.testing.assert_close(model.quantizer.values, ref.quantizer.values)
+    out = model(0.5 * torch.randn(2, 4, 4, 4), torch.tensor([0, 1]))
+    assert math.isfinite(out["loss"].item())

@@ -62,15 +62,18 @@ def bench_heads(size: str, batch: int, dtype: torch.dtype, cfg_scale: float, arg
     z = torch.randn(batch, cfg.width, dtype=dtype)
     z2 = torch.randn(2 * batch, cfg.width, dtype=dtype)
     gen = torch.Generator().manual_seed(0)
-    runs = {
-        "cache": lambda: head.sample(z, 1.0, gen, use_cache=True),
-        "prefix": lambda: head.sample(z, 1.0, gen, use_cache=False),
-        "diffusion": lambda: diff.sample(z2, 1.0, cfg_scale, steps=100, generator=gen),
-    }
+    def runs(n: int) -> dict[str, Callable[[], object]]:
+        return {
+            "cache": lambda: head.sample(z[:n], 1.0, gen, use_cache=True),
+            "prefix": lambda: head.sample(z[:n], 1.0, gen, use_cache=False),
+            "diffusion": lambda: diff.sample(z2[:2 * n], 1.0, cfg_scale, steps=100, generator=gen),
+        }
+
     out = {"size": size, "batch": batch}
     with torch.inference_mode():
-        for name, fn in runs.items():
+        for name, fn in runs(batch).items():
             out[f"t_{name}"] = timed(fn, args.min_time, args.repeats)
+        for name, fn in runs(1).items():  # FLOPs are linear in the number of positions
             out[f"f_{name}"] = flops(fn)
     return out
 

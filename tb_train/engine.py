@@ -3,7 +3,7 @@
 `build_engine` turns an `EngineConfig` + `OptimConfig` into a `TrainEngine`:
 - the ZeRO stage and its tuning come from a JSON file (`configs/deepspeed/zero{0,1,2,3}.json`); batch,
   precision, clipping and optimizer fields are filled from the job config, so there is one source of truth;
-- the model is built inside `deepspeed.zero.Init` for stage 3 (parameters are born partitioned);
+- the model is built whole, then DeepSpeed partitions it (ZeRO-3 included, see `build_engine`);
 - activation checkpointing is applied from outside the model to each block of
   `model.checkpoint_block_lists()` by wrapping it in `CheckpointedBlock` (state-dict keys unchanged);
 - AdamW (torch's implementation) with no weight decay on biases, 1-D parameters and embeddings;
@@ -64,6 +64,7 @@ class EngineConfig:
     ds_overrides: dict[str, Any] = field(default_factory=dict)  # deep-merged into that JSON
     precision: Literal["bf16", "fp32"] = "bf16"
     grad_accum: int = 1                         # micro-batches per rank per optimizer step
+    global_batch: int | None = None             # if set: grad_accum = global_batch / (micro_batch * world)
     activation_checkpointing: Literal["none", "full", "every_k"] = "none"
     checkpoint_k: int = 2                       # every_k: blocks 0, k, 2k, ... of each list
     ema_decay: float = 0.9999
@@ -74,6 +75,22 @@ class EngineConfig:
             raise ValueError("grad_accum and checkpoint_k must be >= 1")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+def resolve_grad_accum(cfg: EngineConfig, micro_batch: int, world: int) -> int:
+    """Accumulation steps that make micro_batch × accum × world = engine.global_batch (when set), so a
+    job file states the recipe's global batch and runs unchanged on any number of GPUs."""
+    if cfg.global_batch is None:
+        return cfg.grad_accum
+    per_step = micro_batch * world
+    if cfg.global_batch % per_step:
+        raise ConfigError(f"engine.global_batch {cfg.global_batch} is not a multiple of data.micro_batch "
+                          f"{micro_batch} x world {world}")
+    accum = cfg.global_batch // per_step
+    if cfg.grad_accum not in (1, accum):
+        raise ConfigError(f"engine.grad_accum {cfg.grad_accum} contradicts engine.global_batch "
+                          f"{cfg.global_batch} (= {micro_batch} x {world} x {accum})")
+    return accum
 
 
 def derive_seed(seed: int, step: int, micro_id: int, stream: int) -> int:
@@ -229,7 +246,7 @@ class StepResult:
     ce_per_channel: torch.Tensor  # [C] mean over micro-batches and ranks
     grad_norm: float | None
     lr: float
-    skipped: bool                # non-finite loss somewhere: no optimizer update, no EMA update
+    skipped: bool                # non-finite loss or input somewhere: no optimizer/EMA update
 
 
 @dataclass
@@ -252,12 +269,27 @@ class TrainEngine:
         self.stage = engine.zero_optimization_stage()
         self.dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
         self.ema = ShardedEMA(engine.module, cfg.ema_decay, dist)
+        self._group_hparams = [{k: g[k] for k in ("name", "weight_decay", "betas", "eps") if k in g}
+                               for g in engine.optimizer.param_groups]
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
 
     @property
     def module(self) -> nn.Module:
         return self.ds.module
+
+    def repair_after_load(self) -> None:
+        """Undo two side effects of DeepSpeed's universal-checkpoint load (both measured, ZeRO-3):
+        every AdamW group gets the first group's hyperparameters (the no-decay group came back with
+        weight_decay 0.02), and all sub-groups share ONE `step` tensor, which AdamW then increments once
+        per group per step (wrong bias correction from the second group on). Harmless after a normal load.
+        """
+        for group, hp in zip(self.ds.optimizer.param_groups, self._group_hparams, strict=True):
+            group.update(hp)
+        inner = getattr(self.ds.optimizer, "optimizer", self.ds.optimizer)
+        for state in inner.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
 
     def set_lr(self, lr: float) -> None:
         for group in self.ds.optimizer.param_groups:
@@ -281,8 +313,9 @@ class TrainEngine:
             latents = mb.latents.to(self.dist.device, self.dtype)
             out = self.ds(latents, mb.labels.to(self.dist.device))
             loss = out["loss"]
-            finite = bool(torch.isfinite(loss.detach()).item())
-            # A non-finite loss poisons every gradient with NaN, so the (all-reduced) gradient norm is NaN
+            # Corrupt inputs count too: the quantizer would map a NaN latent to a finite token silently.
+            finite = bool(torch.isfinite(loss.detach()).item() and torch.isfinite(latents).all().item())
+            # A non-finite step poisons every gradient with NaN, so the (all-reduced) gradient norm is NaN
             # on all ranks and the optimizer skips the update together.
             self.ds.backward(loss if finite else loss * float("nan"))
             row = torch.cat([loss.detach().float().reshape(1), out["ce_per_channel"].detach().float(),
@@ -310,15 +343,18 @@ class TrainEngine:
 
 def build_engine(model_fn: Callable[[], nn.Module], cfg: EngineConfig, optim: OptimConfig, micro_batch: int,
                  dist: DistInfo, load_universal: bool = False) -> TrainEngine:
-    """Build the model (partitioned at birth for ZeRO-3), wrap blocks, and initialise DeepSpeed."""
+    """Build the model, wrap its blocks for activation checkpointing, and initialise DeepSpeed.
+
+    The model is built whole on every rank and ZeRO-3 partitions it inside `deepspeed.initialize`
+    (DeepSpeed converts parameters that were not born under `zero.Init`). Building under `zero.Init`
+    would save that transient full copy but runs the model's own weight init on already-partitioned
+    (empty) tensors, which TokenBridge's init (run at the end of its constructors) does not support; the
+    whole-model build also makes the initial weights identical for every ZeRO stage.
+    """
     import deepspeed
 
     ds_config = deepspeed_config(cfg, optim, micro_batch, dist.world, load_universal)
-    if ds_config["zero_optimization"]["stage"] == 3:
-        with deepspeed.zero.Init(config_dict_or_path=ds_config):
-            model = model_fn()
-    else:
-        model = model_fn()
+    model = model_fn()
     apply_activation_checkpointing(model, cfg.activation_checkpointing, cfg.checkpoint_k)
     groups = param_groups(model, optim)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)

@@ -83,6 +83,16 @@ def run_job(argv: list[str], world: int, log_dir: Path, timeout: float = 300, ex
     return job
 
 
+def train_job(argv: list[str], world: int, log_dir: Path, record: Path | None = None, **hooks) -> Job:
+    """Start tb_train.train.run on `world` ranks with the test hooks of `_train` (not waited for)."""
+    args = dict(hooks, argv=argv, record=str(record) if record else None)
+    return Job([__file__, "train", json.dumps(args)], world, log_dir)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
 def run_worker(mode: str, args: dict, world: int, log_dir: Path, timeout: float = 300) -> dict:
     """Run this file's `mode` on `world` ranks; returns the JSON that rank 0 wrote."""
     out = log_dir / f"{mode}.json"
@@ -124,6 +134,65 @@ def write_latent_folder(folder: Path, num_samples: int = 64, per_shard: int = 16
                                                    "std": [1.0] * channels,
                                                    "channel_order": list(range(channels))}))
     return folder
+
+
+# ----------------------------------------------------------------------------- a reference training run
+
+JOB_YAML = """\
+data: {{path: {data}, micro_batch: 4, num_workers: 0}}
+model: {{size: tiny, latent_size: {hw}, latent_channels: {c}, num_classes: {classes}}}
+optim: {{lr: 1.0e-3, warmup_epochs: 0.2, epochs: 2}}
+engine:
+  deepspeed: zero3
+  precision: fp32
+  ds_overrides: {{zero_optimization: {{stage3_param_persistence_threshold: 0}}}}
+checkpoint: {{every_steps: 5, keep_last: 2}}
+metrics: {{log_every: 1, image_every: 5}}
+samples: {{num_images: 4, num_iter: 4}}
+run: {{dir: {run}, max_steps: 10}}
+"""
+SAMPLES, STEPS_PER_EPOCH = 80, 10   # global batch 8 (micro 4 x 2 ranks, or x accum 2 on one rank)
+
+
+class TrainSetup:
+    """Synthetic latents + a job file; `reference` is an uninterrupted 2-rank ZeRO-3 run of 10 steps
+    (checkpoints at 5 and 10, TensorBoard every step, an EMA sample grid at 5 and 10)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.data = write_latent_folder(root / "data", num_samples=SAMPLES, per_shard=20)
+        self.job = root / "job.yaml"
+        self.job.write_text(JOB_YAML.format(data=self.data, hw=LATENT_HW, c=LATENT_C, classes=NUM_CLASSES,
+                                            run=root / "default_run"))
+        self.reference = root / "reference"
+        job = self.start("reference", 2)
+        assert job.wait(600) == [0, 0], job.log_text()
+
+    def argv(self, run: str, *overrides: str) -> list[str]:
+        return ["--config", str(self.job), f"run.dir={self.root / run}", *overrides]
+
+    def record(self, name: str) -> Path:
+        return self.root / f"{name}.rec"
+
+    def start(self, run: str, world: int, *overrides: str, name: str | None = None, **hooks) -> Job:
+        name = name or run
+        return train_job(self.argv(run, *overrides), world, self.root / f"log_{name}", self.record(name), **hooks)
+
+    def steps(self, name: str, rank: int = 0) -> dict[int, dict]:
+        return {r["step"]: r for r in read_jsonl(Path(f"{self.record(name)}.steps{rank}"))}
+
+    def sample_ids(self, name: str, world: int) -> dict[int, list[float]]:
+        """0-based step index -> ids of the global batch in micro_id order (all ranks merged)."""
+        rows = [r for k in range(world) for r in read_jsonl(Path(f"{self.record(name)}.samples{k}"))]
+        out: dict[int, list[float]] = {}
+        for r in sorted(rows, key=lambda r: (r["step"], r["micro_id"])):
+            out.setdefault(r["step"], []).extend(r["ids"])
+        return out
+
+
+@pytest.fixture(scope="session")
+def train_setup(deepspeed_warm, tmp_path_factory) -> TrainSetup:
+    return TrainSetup(tmp_path_factory.mktemp("train"))
 
 
 # ----------------------------------------------------------------------------- a small stand-in model
@@ -226,6 +295,57 @@ def _engine_matrix(args: dict) -> dict:
     return results
 
 
+def _train(args: dict) -> int:
+    """tb_train.train.run with test hooks: record losses / sample ids / fp32 checksums per step, inject
+    NaN moments, or block after a step until the test signals the job."""
+    import time as _time
+
+    from tb_train import train as tr
+    from tb_train.data import LatentLoader
+
+    rank = int(os.environ["RANK"])
+    record = Path(args["record"]) if args.get("record") else None
+    nan_steps = {int(k): v for k, v in args.get("nan", {}).items()}   # step index -> rank to poison
+    real_next = LatentLoader.next_step
+    state = {"step": None}
+
+    def next_step(self):
+        batches = real_next(self)
+        step = state["step"]
+        if record is not None:
+            with open(f"{record}.samples{rank}", "a") as f:
+                for mb in batches:
+                    ids = [float(m.double().sum()) for m in mb.moments]
+                    f.write(json.dumps({"step": step, "micro_id": mb.micro_id, "ids": ids}) + "\n")
+        if nan_steps.get(step) == rank:
+            batches[0].moments[0, 0, 0, 0] = float("nan")
+        return batches
+
+    LatentLoader.next_step = next_step
+    real_inputs = tr.Trainer.micro_inputs
+
+    def micro_inputs(self, step):
+        state["step"] = step
+        return real_inputs(self, step)
+
+    tr.Trainer.micro_inputs = micro_inputs
+
+    def on_step(trainer, result):
+        if record is not None:
+            local = sum(float(s.view()[: s.valid].double().sum()) for s in trainer.engine.ema.slots
+                        if s.ema is not None)
+            line = {"step": trainer.step, "loss": result.loss, "skipped": result.skipped, "fp32_sum": local}
+            with open(f"{record}.steps{rank}", "a") as f:
+                f.write(json.dumps(line) + "\n")
+        if args.get("block_after") == trainer.step:
+            Path(f"{record}.blocked{rank}").write_text("1")
+            while args["block_mode"] == "kill" or trainer.preempt.received is None:
+                _time.sleep(0.05)
+
+    cfg, source = tr.load_job_config(args["argv"])
+    return tr.run(cfg, source, callbacks=[on_step])
+
+
 def _main() -> None:
     mode, args = sys.argv[1], json.loads(sys.argv[2])
     if mode == "warm":
@@ -235,6 +355,8 @@ def _main() -> None:
         build_engine(StandInModel, EngineConfig(deepspeed="zero0", precision="fp32"), OptimConfig(), 2, dist)
         shutdown()
         return
+    if mode == "train":
+        sys.exit(_train(args))
     from tb_train.dist import shutdown
     result = {"engine_matrix": _engine_matrix}[mode](args)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -31,6 +31,21 @@ ORDERS = ("random", "raster", "confidence")
 CFG_SCHEDULES = ("linear", "constant")
 
 
+def mask_schedule(seq_len: int, num_iter: int) -> list[tuple[int, int]]:
+    """MAR's cosine schedule as (positions predicted, mask_len after the step) per step.
+
+    After step s, floor(L cos(pi/2 (s+1)/num_iter)) positions stay masked, clamped to [1, left - 1];
+    the last step predicts all that remain. Steps predicting 0 positions occur when num_iter > L.
+    """
+    out, remaining = [], seq_len
+    for step in range(num_iter):
+        mask_len = max(1, min(remaining - 1, math.floor(seq_len * math.cos(math.pi / 2 * (step + 1) / num_iter))))
+        n = remaining if step == num_iter - 1 else max(remaining - mask_len, 0)
+        out.append((n, mask_len))
+        remaining -= n
+    return out
+
+
 class TokenBridge(nn.Module):
     """The whole model; `config` is the resolved ModelConfig (no None fields)."""
 
@@ -164,9 +179,8 @@ class TokenBridge(nn.Module):
                  official: bool = False) -> Tensor:
         """Sample latents for class labels [B] (value num_classes = unconditional) -> scaled latents [B, C, h, w].
 
-        MAR's schedule: after step s, floor(L cos(pi/2 (s+1)/num_iter)) positions stay masked, at
-        least one position is predicted per step while more than one is left, the last step predicts
-        all that remain; a step with nothing to predict is skipped (num_iter > L). Guidance weight:
+        Schedule: `mask_schedule` (MAR's cosine); a step with nothing to predict is skipped
+        (num_iter > L), so every position is filled exactly once. Guidance weight:
         "linear" 1 + (cfg - 1)(L - mask_len)/L as MAR, or "constant" cfg; cfg == 1 runs no
         unconditional branch. order: "random" (a random permutation per sample), "raster", or
         "confidence" (the head samples every masked position; the ones whose tokens have the highest
@@ -198,10 +212,8 @@ class TokenBridge(nn.Module):
         tokens = torch.zeros(B, L, C, dtype=torch.long, device=device)
         mask = torch.ones(B, L, dtype=torch.bool, device=device)
         remaining = L
-        for step in range(num_iter):
-            mask_len = max(1, min(remaining - 1, math.floor(L * math.cos(math.pi / 2 * (step + 1) / num_iter))))
-            n = remaining if step == num_iter - 1 else remaining - mask_len
-            if n <= 0:
+        for n, mask_len in mask_schedule(L, num_iter):
+            if n == 0:
                 continue
             weight = None
             if cfg != 1.0:

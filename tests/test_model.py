@@ -10,6 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tb_model.mar import MAR, truncnorm_mask_ratio, truncnorm_mean_ratio
 from tb_model.registry import ModelConfig, count_params, create, resolve
+from tb_model.tokenbridge import mask_schedule
 
 SMALL = dict(latent_size=4, latent_channels=4, num_classes=10, buffer_size=4)
 
@@ -183,6 +184,11 @@ def test_schedule_matches_mar_cosine() -> None:
     model.generate(torch.tensor([0]), num_iter=4, generator=torch.Generator().manual_seed(0))
     # L = 16: masked after step s = max(1, min(left - 1, floor(16 cos(pi/2 (s+1)/4)))) -> 14, 11, 6, 0
     assert [p.shape[1] for p, _ in log] == [2, 3, 5, 6]
+    assert [n for n, _ in mask_schedule(16, 4)] == [2, 3, 5, 6]
+    for L, num_iter in ((16, 1), (16, 7), (16, 40), (256, 64), (256, 256), (256, 300)):
+        counts = [n for n, _ in mask_schedule(L, num_iter)]
+        assert sum(counts) == L and min(counts) >= 0 and counts[-1] >= 1
+        assert sum(c > 0 for c in counts) == min(num_iter, L)
 
 
 def test_confidence_order_keeps_most_likely_positions() -> None:

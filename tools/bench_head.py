@@ -8,9 +8,11 @@ while TokenBridge applies CFG to z and runs its head once on N rows. Ratios are 
 run and printed next to the FLOP ratio (FLOPs counted by torch.utils.flop_counter on one call) that
 bounds each speed-up.
 Part 2: whole-image generation at num_iter 64 with CFG: the head's share of the total time, and the
-default loop (batched CFG + KV cache) vs the official-style loop (two MAR passes + prefix recompute).
+default loop (batched CFG + KV cache) vs the official-style loop (two MAR passes + prefix recompute);
+measured by running `generate` (--whole) or estimated from timed MAR passes and head calls (--estimate).
 
-Usage: python tools/bench_head.py [--sizes tiny,L,H] [--batch 1,64] [--whole tiny] [--dtype fp32|bf16]
+Usage: python tools/bench_head.py [--sizes tiny,L,H] [--batch 1,64] [--whole tiny] [--estimate L]
+                                 [--dtype fp32|bf16] [--threads N]
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tb_model.diffloss import MAR_DIFFUSION_SIZES, DiffusionHead
 from tb_model.head import ARHead
-from tb_model.registry import create, resolve, ModelConfig
+from tb_model.registry import ModelConfig, create, resolve
+from tb_model.tokenbridge import mask_schedule
 
 TINY_DIFFUSION = (2, 64)  # blocks x width for the tiny size (MAR has no tiny diffusion head)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -103,11 +106,64 @@ def bench_whole(size: str, dtype: torch.dtype, cfg_scale: float, num_iter: int) 
     return out
 
 
+def interp(x: float, xs: list[int], ys: list[float]) -> float:
+    """Piecewise-linear interpolation through (xs, ys), xs increasing; x within [xs[0], xs[-1]]."""
+    for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+        if x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return ys[-1]
+
+
+def estimate_whole(size: str, dtype: torch.dtype, cfg_scale: float, num_iter: int) -> dict:
+    """Whole-image time (batch 1) from component timings, for sizes too slow to generate on a CPU.
+
+    MAR: one timed pass (batched CFG: 2 rows; official: 2 x 1 row) with 0, L/2 and L-1 known
+    positions, linearly interpolated to each step's known count. Head: one timed call per distinct
+    number of positions a step predicts (cached; official: prefix recomputed), times its multiplicity.
+    """
+    torch.manual_seed(0)
+    model = create(size).to(dtype).eval()
+    L, C = model.seq_len, model.config.latent_channels
+    plan = [n for n, _ in mask_schedule(L, num_iter)]
+    labels = torch.tensor([1])
+    values = torch.zeros(1, L, C, dtype=dtype)
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(L, model.config.width, dtype=dtype)
+    out = {"size": size}
+    with torch.inference_mode():
+        for name, two_pass in (("fast", False), ("official", True)):
+            anchors = [0, L // 2, L - 1]
+            t_mar = []
+            for known in anchors:
+                mask = torch.ones(1, L, dtype=torch.bool)
+                mask[:, :known] = False
+                t0 = time.perf_counter()
+                model.guided_features(values, mask, labels, cfg_scale, two_pass=two_pass)
+                t_mar.append(time.perf_counter() - t0)
+            mar_total, head_total, known = 0.0, 0.0, 0
+            head_t: dict[int, float] = {}
+            for n in plan:
+                if n == 0:
+                    continue
+                mar_total += interp(known, anchors, t_mar)
+                if n not in head_t:
+                    t0 = time.perf_counter()
+                    model.head.sample(z[:n], 1.0, gen, use_cache=not two_pass)
+                    head_t[n] = time.perf_counter() - t0
+                head_total += head_t[n]
+                known += n
+            out[f"t_{name}"] = mar_total + head_total
+            out[f"head_{name}"] = head_total
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="tiny,L,H", help="comma list of tiny, base, L, H (part 1)")
     ap.add_argument("--batch", default="1,64", help="comma list of positions per head call (part 1)")
     ap.add_argument("--whole", default="tiny", help="comma list of sizes for whole-image generation; '' = skip")
+    ap.add_argument("--estimate", default="", help="comma list of sizes whose whole-image time is estimated "
+                    "from component timings (for L/H on a CPU)")
     ap.add_argument("--num-iter", type=int, default=64)
     ap.add_argument("--cfg", type=float, default=3.0)
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
@@ -119,10 +175,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, cfg {args.cfg}")
-    print("Part 1: head sampling per call (ms) and ratios (measured | FLOPs)")
-    print(f"{'size':>5} {'N':>4} {'cache':>9} {'prefix':>9} {'diffusion':>10} "
-          f"{'prefix/cache':>17} {'diffusion/cache':>18}")
-    for size in [s for s in args.sizes.split(",") if s]:
+    head_sizes = [s for s in args.sizes.split(",") if s]
+    if head_sizes:
+        print("Part 1: head sampling per call (ms) and ratios (measured | FLOPs)")
+        print(f"{'size':>5} {'N':>4} {'cache':>9} {'prefix':>9} {'diffusion':>10} "
+              f"{'prefix/cache':>17} {'diffusion/cache':>18}")
+    for size in head_sizes:
         for batch in [int(b) for b in args.batch.split(",") if b]:
             r = bench_heads(size, batch, dtype, args.cfg, args)
             pc, dc = r["t_prefix"] / r["t_cache"], r["t_diffusion"] / r["t_cache"]
@@ -130,13 +188,16 @@ def main() -> None:
             print(f"{size:>5} {batch:>4} {1e3 * r['t_cache']:9.2f} {1e3 * r['t_prefix']:9.2f} "
                   f"{1e3 * r['t_diffusion']:10.2f} {pc:7.2f} | {fpc:6.2f}  {dc:8.2f} | {fdc:6.2f}", flush=True)
     sizes = [s for s in args.whole.split(",") if s]
-    if sizes:
+    estimated = [s for s in args.estimate.split(",") if s]
+    if sizes or estimated:
         print(f"Part 2: whole-image generation, batch 1, num_iter {args.num_iter}, cfg {args.cfg} (s)")
         print(f"{'size':>5} {'fast':>8} {'head share':>10} {'official':>9} {'head share':>10} {'official/fast':>13}")
-    for size in sizes:
-        r = bench_whole(size, dtype, args.cfg, args.num_iter)
+    runs = [(s, bench_whole, "") for s in sizes] + [(s, estimate_whole, "  (estimated)") for s in estimated]
+    for size, fn, note in runs:
+        r = fn(size, dtype, args.cfg, args.num_iter)
         print(f"{size:>5} {r['t_fast']:8.2f} {100 * r['head_fast'] / r['t_fast']:9.1f}% {r['t_official']:9.2f} "
-              f"{100 * r['head_official'] / r['t_official']:9.1f}% {r['t_official'] / r['t_fast']:13.2f}", flush=True)
+              f"{100 * r['head_official'] / r['t_official']:9.1f}% {r['t_official'] / r['t_fast']:13.2f}{note}",
+              flush=True)
 
 
 if __name__ == "__main__":

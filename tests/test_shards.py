@@ -6,6 +6,7 @@ import tarfile
 
 import numpy as np
 import pytest
+import webdataset as wds
 
 from tb_train.shards import (
     FORMAT, LatentShards, ShardError, sample_key, sha256_file, shard_name, write_shard,
@@ -58,6 +59,11 @@ def test_tars_are_webdataset_readable_and_deterministic(tmp_path):
     assert a == b == sha256_file(tmp_path / "a.tar")
     with tarfile.open(tmp_path / "a.tar") as tar:
         assert tar.getnames() == [f"{sample_key(k)}.{ext}" for k in range(3) for ext in ("moments.npy", "cls")]
+    streamed = list(wds.WebDataset(str(tmp_path / "a.tar"), shardshuffle=False, empty_check=False).decode())
+    assert [s["__key__"] for s in streamed] == [sample_key(k) for k in range(3)]
+    for k, s in enumerate(streamed):
+        np.testing.assert_array_equal(s["moments.npy"], _moments(k))
+        assert s["cls"] == k
     assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*"))
 
 

@@ -1,0 +1,88 @@
+"""The training job end to end: run-folder artifacts, bad input, non-finite steps."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from fixtures_engine import TrainSetup, deepspeed_warm, train_setup  # noqa: F401
+from tb_train.checkpoint import read_latest
+from tb_train.train import EXIT_BAD_INPUT, EXIT_NONFINITE, main
+
+
+def test_run_folder_has_config_tensorboard_and_sample_grid(train_setup):
+    ref = train_setup.reference
+    config = yaml.safe_load((ref / "config.yaml").read_text())
+    assert config["model"]["width"] == 64 and config["engine"]["deepspeed"] == "zero3"   # resolved preset
+    acc = EventAccumulator(str(ref / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    for tag in ("loss", "lr", "grad_norm", "ce/ch00", "perf/samples_per_s", "perf/mfu", "mem/peak_gib",
+                "perf/data_wait_frac", "by_epoch1000x/loss"):
+        assert tag in tags["scalars"], tag
+    assert [e.step for e in acc.Scalars("loss")] == list(range(1, 11))
+    assert [e.step for e in acc.Scalars("by_epoch1000x/loss")][-1] == 1000    # 10 steps = one epoch
+    assert [e.step for e in acc.Images("samples/ema")] == [5, 10]
+    assert sorted(p.name for p in (ref / "samples").glob("*.png")) == ["step_0000005.png", "step_0000010.png"]
+
+
+def test_unknown_config_key_fails_before_start(train_setup, capsys):
+    assert main(train_setup.argv("bad_key", "engine.zero_stage=3")) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "unknown key 'engine.zero_stage'" in err
+    assert not (train_setup.root / "bad_key").exists()
+
+
+@pytest.mark.parametrize("case", ["missing_folder", "bad_sha"])
+def test_bad_data_fails_before_any_step(train_setup, case):
+    setup = train_setup
+    data = setup.root / f"data_{case}"
+    if case == "bad_sha":
+        shutil.copytree(setup.data, data)
+        shard = data / "shard-000002.tar"
+        raw = bytearray(shard.read_bytes())
+        raw[2000] ^= 0xFF
+        shard.write_bytes(bytes(raw))
+    job = setup.start(case, 1, f"data.path={data}")
+    assert job.wait(300) == [EXIT_BAD_INPUT], job.log_text()
+    errors = [line for line in job.logs[0].read_text().splitlines() if line.startswith("tb-train: error:")]
+    expected = "latent shard folder not found" if case == "missing_folder" else "shard-000002.tar: sha256 mismatch"
+    assert len(errors) == 1 and expected in errors[0], job.log_text()
+    assert setup.steps(case) == {} and not (setup.root / case / "checkpoints").exists()
+
+
+def test_nonfinite_steps_skipped_then_run_stops(train_setup):
+    """NaN in one rank's batch at step 3: the update is skipped on both ranks (fp32 master unchanged) and
+    training continues; NaN at steps 5 and 6 with patience 1: the run stops with status 3 and `latest`
+    stays on the last checkpoint (step 4)."""
+    setup = train_setup
+    job = setup.start("nan", 2, "engine.nonfinite_patience=1", "checkpoint.every_steps=2",
+                      nan={"2": 1, "4": 0, "5": 1})
+    assert job.wait(300) == [EXIT_NONFINITE] * 2, job.log_text()
+    for rank in (0, 1):
+        steps = setup.steps("nan", rank)
+        assert [s for s in steps if steps[s]["skipped"]] == [3, 5, 6]
+        assert steps[3]["fp32_sum"] == steps[2]["fp32_sum"] != steps[4]["fp32_sum"]
+        assert steps[6]["fp32_sum"] == steps[4]["fp32_sum"]
+    log = job.logs[0].read_text()
+    assert "2 non-finite steps in a row" in log and "last good checkpoint is step 4" in log
+    assert read_latest(setup.root / "nan" / "checkpoints") == "step_00000004"
+
+
+def test_data_model_mismatch_and_calibration_sample(train_setup):
+    from tb_model.registry import ModelConfig
+    from tb_train.config import ConfigError
+    from tb_train.data import DataConfig, LatentLoader
+    from tb_train.train import calibration_latents, check_data_matches_model
+
+    loader = LatentLoader(DataConfig(path=str(train_setup.data), num_workers=0), 0, 1, 1)
+    check_data_matches_model(loader, ModelConfig(latent_size=4, latent_channels=4, num_classes=10), "job.yaml")
+    with pytest.raises(ConfigError, match="holds 4x4x4 latents but the model expects model.latent_channels=16"):
+        check_data_matches_model(loader, ModelConfig(latent_size=4, num_classes=10), "job.yaml")
+    latents = calibration_latents(loader, max_samples=32)
+    first = loader.shards.read(0)[0][0, :4].astype("float32")
+    assert latents.shape == (32, 4, 4, 4)
+    assert torch.allclose(latents[0], torch.from_numpy(first) * loader.scale)

@@ -53,9 +53,9 @@ def ensure_demo_images(folder: str | os.PathLike) -> Path:
         for i, (img, label) in enumerate(zip(images, labels)):
             Image.fromarray(img).save(tmp / DEMO_CLASSES[label] / f"{i:04d}.png")
         (tmp / _DONE).write_text(f"{len(images)}\n")
-        if folder.exists():
-            folder.rmdir()
         try:
+            if folder.exists():
+                folder.rmdir()  # an empty folder (e.g. made by the caller) is replaced
             os.replace(tmp, folder)
         except OSError:
             if not (folder / _DONE).is_file():  # not a concurrent caller finishing first: a real error

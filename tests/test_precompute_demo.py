@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,15 @@ def test_demo_images_written_once(demo_folder):
         np.testing.assert_array_equal(np.asarray(img), images[0])
     stamp = first.stat().st_mtime_ns
     assert ensure_demo_images(demo_folder) == demo_folder and first.stat().st_mtime_ns == stamp
+
+
+def test_demo_images_concurrent_callers(tmp_path):
+    """Ranks of a job may all call it at once: every caller gets the one finished tree, no leftovers."""
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(ensure_demo_images, [tmp_path / "imgs"] * 2))
+    assert got == [tmp_path / "imgs"] * 2
+    assert len(list((tmp_path / "imgs").rglob("*.png"))) == 1797
+    assert [p.name for p in tmp_path.iterdir()] == ["imgs"]
 
 
 def test_demo_images_refuse_a_foreign_folder(tmp_path):

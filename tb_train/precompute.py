@@ -113,6 +113,15 @@ def _identity(cfg: PrecomputeConfig, vae: LatentVAE, images: ImageList, autocast
     }
 
 
+def _shown(key: str, value: object) -> str:
+    """A setting as the refusal message shows it (hashes shortened)."""
+    if key == "vae" and isinstance(value, dict):
+        return f"{str(value.get('identity'))[:12]}… (scale {value.get('scale')})"
+    if key == "inputs_sha256":
+        return f"listing {str(value)[:12]}…"
+    return repr(value)
+
+
 def _claim_output(out: Path, ident: dict) -> None:
     """Record (or check) what this folder is made with; a different VAE/setting is refused."""
     path = out / IDENTITY
@@ -120,29 +129,27 @@ def _claim_output(out: Path, ident: dict) -> None:
         old = json.loads(path.read_text())
         for key in ident:
             if old.get(key) != ident[key]:
-                what = "VAE" if key == "vae" else key
-                shown_old, shown_new = old.get(key), ident[key]
-                if key == "vae":
-                    shown_old, shown_new = old["vae"]["identity"][:12] + "…", ident["vae"]["identity"][:12] + "…"
-                raise PrecomputeError(f"{out}: was precomputed with {what} {shown_old}, this run has "
-                                      f"{shown_new}; refusing to mix them (use another output folder)")
+                what = {"vae": "VAE", "inputs_sha256": "another input listing"}.get(key, key)
+                raise PrecomputeError(f"{out}: was precomputed with {what} {_shown(key, old.get(key))}, this "
+                                      f"run has {_shown(key, ident[key])}; refusing to mix them (use another "
+                                      "output folder)")
         return
     atomic_write_text(path, json.dumps(ident, indent=1) + "\n")
 
 
-def _finished_sidecar(out: Path, shard: int, verify: bool) -> dict | None:
-    """The sidecar of a complete shard, or None if the shard must be (re)done."""
+def _shard_is_done(out: Path, shard: int, verify: bool) -> bool:
+    """A shard is done when its sidecar exists and (if `verify`) matches the tar's sha256."""
     side, tar = out / sidecar_name(shard), out / shard_name(shard)
     if not (side.is_file() and tar.is_file()):
-        return None
+        return False
     try:
         info = json.loads(side.read_text())
     except json.JSONDecodeError:
-        return None
+        return False
     if verify and sha256_file(tar) != info.get("sha256"):
         print(f"precompute: {tar} does not match its sidecar's sha256; redoing it", file=sys.stderr)
-        return None
-    return info
+        return False
+    return True
 
 
 def _remove_stale_temps(out: Path, shards: list[int], older_than: float | None = None) -> None:
@@ -371,7 +378,7 @@ def run(cfg: PrecomputeConfig, rank: int = 0, world: int = 1, local_rank: int = 
     num_shards = math.ceil(n / per)
     mine = [s for s in range(num_shards) if s % world == rank]
     _remove_stale_temps(out, mine)
-    pending = [s for s in mine if _finished_sidecar(out, s, cfg.verify_existing) is None]
+    pending = [s for s in mine if not _shard_is_done(out, s, cfg.verify_existing)]
     batches = [list(range(start, min(start + cfg.batch_size, stop)))  # never across a shard boundary
                for s in pending
                for stop in [min(n, (s + 1) * per)]

@@ -145,13 +145,15 @@ def test_sigkill_midway_then_rerun_gives_identical_folder(tmp_path, capsys, refe
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_rerun_with_another_vae_is_refused(tmp_path, reference, image_dir):
+def test_rerun_with_another_vae_or_setting_is_refused(tmp_path, reference, image_dir, tiny_vae_dir):
     other = tiny_vae(tmp_path / "other_vae")
     weights = other / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-4] + b"\x00\x00\x80\x3f")  # one weight changed → new identity
     with pytest.raises(PrecomputeError, match="VAE") as e:
         run(_cfg(*_args(image_dir, reference, other)))
     assert "\n" not in str(e.value) and str(reference) in str(e.value)
+    with pytest.raises(PrecomputeError, match="resolution 16, this run has 32"):
+        run(_cfg(*_args(image_dir, reference, tiny_vae_dir, "resolution=32")))
 
 
 @pytest.mark.parametrize("case,expect", [("missing", "input not found"), ("empty", "no images found"),

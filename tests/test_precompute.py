@@ -114,7 +114,7 @@ import tb_train.precompute as p
 orig = p._write_shard_files
 def slow(*a, **k):
     info = orig(*a, **k)
-    time.sleep(0.5)
+    time.sleep(1.0)  # the kill below must land while later shards are still pending
     return info
 p._write_shard_files = slow
 sys.exit(p.main(sys.argv[1:]))

@@ -15,7 +15,8 @@ checkpoints beyond `keep_last` are deleted after `latest` moved.
 Resuming at the same world size and ZeRO stage loads the DeepSpeed checkpoint directly. Otherwise rank 0
 converts it once into a DeepSpeed universal checkpoint (`ds_to_universal --inject_missing_state`), all
 ranks wait, and DeepSpeed loads that (`checkpoint.load_universal`); the EMA pieces and the data cursor
-are world-size independent by construction (see ema.py, data.py).
+are world-size independent by construction (see ema.py, data.py). The activation-checkpointing policy
+may change across any resume (parameter names differ only by the wrapper, see `canonical_name`).
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ import torch
 
 from tb_train.config import atomic_write_text
 from tb_train.dist import barrier
+from tb_train.engine import canonical_name
 
 LATEST = "latest"
 STATE_JSON = "train_state.json"
@@ -150,26 +152,35 @@ def plan_resume(ckpt_dir: str | os.PathLike, world: int, stage: int, precision: 
     return ResumePlan(ckpt_dir, tag, state, universal=not same)
 
 
-def make_universal(plan: ResumePlan, is_main: bool) -> str:
-    """Collective: rank 0 converts the checkpoint into `<tag>_universal` (once), everyone waits."""
+def make_universal(plan: ResumePlan, is_main: bool, param_names: list[str]) -> str:
+    """Collective: rank 0 converts the checkpoint into `<tag>_universal` (once) and names its per-parameter
+    folders as the current model does (`param_names`: the engine module's `named_parameters()` names,
+    which differ from the saved ones when the activation-checkpointing policy changed); everyone waits."""
     out = plan.ckpt_dir / (plan.tag + UNIVERSAL_SUFFIX)
-    if is_main and not out.is_dir():
-        tmp = plan.ckpt_dir / f".{out.name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--inject_missing_state",
-               "--input_folder", str(plan.ckpt_dir / plan.tag), "--output_folder", str(tmp)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            tail = " ".join(proc.stderr.strip().splitlines()[-1:])
-            raise RuntimeError(f"universal conversion of {plan.ckpt_dir / plan.tag} failed: {tail}")
-        os.replace(tmp, out)
+    if is_main:
+        if not out.is_dir():
+            tmp = plan.ckpt_dir / f".{out.name}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--inject_missing_state",
+                   "--input_folder", str(plan.ckpt_dir / plan.tag), "--output_folder", str(tmp)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                tail = " ".join(proc.stderr.strip().splitlines()[-1:])
+                raise RuntimeError(f"universal conversion of {plan.ckpt_dir / plan.tag} failed: {tail}")
+            os.replace(tmp, out)
+        current = {canonical_name(n): n for n in param_names}
+        for folder in sorted((out / "zero").iterdir()):
+            want = current.get(canonical_name(folder.name))
+            if folder.is_dir() and want is not None and want != folder.name:
+                os.replace(folder, folder.with_name(want))
     barrier()
     return out.name
 
 
 def load_checkpoint(engine, plan: ResumePlan) -> dict:
     """Collective: restore DeepSpeed state, this rank's EMA slices and RNG; returns the saved train_state."""
-    tag = make_universal(plan, engine.dist.is_main) if plan.universal else plan.tag
+    names = [n for n, _ in engine.module.named_parameters()]
+    tag = make_universal(plan, engine.dist.is_main, names) if plan.universal else plan.tag
     path, _ = engine.ds.load_checkpoint(str(plan.ckpt_dir), tag=tag, load_optimizer_states=True,
                                         load_lr_scheduler_states=False, load_module_strict=True)
     if path is None:

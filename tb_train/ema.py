@@ -1,12 +1,12 @@
 """Exponential moving average of the weights, kept per rank next to its ZeRO partition.
 
 Each rank averages only the fp32 master values it owns, so an update costs no communication and the EMA
-needs 1/world of the model's memory per rank (under ZeRO 1/2/3; a replicated fp32 model under stage 0).
+needs 1/world of the model's fp32 memory per rank (ZeRO 1/2/3; stage 0 fp32: rank 0 holds all of it).
 - ZeRO-3: `deepspeed.utils.safe_get_local_fp32_param(p)` is a live view of this rank's padded slice of
   the flattened parameter, elements [rank * s, (rank + 1) * s).
 - ZeRO-1/2 and bf16 stage 0: `p._hp_mapping` is this rank's fragment of the flattened parameter (None if
   it holds none of it); `get_hp_fragment()` is the live fp32 view, `lp_fragment_address.start` its offset.
-- fp32 stage 0: the parameter itself, replicated on every rank (rank 0 owns it for saving/gathering).
+- fp32 stage 0: the parameter itself, replicated on every rank; only rank 0 keeps its EMA.
 The state is a set of pieces {name: (offset, numel, shape, data)} named by the bare model's parameter
 names; pieces from any world size can be merged (`consolidate`) or re-sliced (`load_state_dicts`), which
 is how a resume at another world size and the export work. A full tensor is gathered only on demand
@@ -32,7 +32,7 @@ class _Slot:
     numel: int                      # elements of the full parameter
     offset: int                     # where this rank's slice starts in the flattened parameter
     view: Callable[[], torch.Tensor] | None  # live fp32 view of the slice (None: this rank holds none)
-    owner: bool                     # False for replicated copies that must not be saved/summed twice
+    owner: bool                     # False for replicated copies on ranks > 0 (they keep no EMA)
     ema: torch.Tensor | None = None  # [valid] fp32
 
     @property
@@ -67,7 +67,7 @@ class ShardedEMA:
         self.slots = [_slot_for(canonical_name(n), p, dist) for n, p in module.named_parameters()
                       if p.requires_grad]
         for s in self.slots:
-            if s.view is not None:
+            if s.view is not None and s.owner:  # replicated copies on ranks > 0 keep no EMA
                 s.ema = s.view()[: s.numel - s.offset].detach().float().clone()
 
     @torch.no_grad()
@@ -81,7 +81,7 @@ class ShardedEMA:
         """This rank's pieces (CPU tensors); merged with other ranks' pieces by `consolidate`."""
         pieces = {s.name: {"offset": s.offset, "numel": s.numel, "shape": list(s.shape),
                            "data": s.ema.detach().cpu().clone()}
-                  for s in self.slots if s.ema is not None and s.owner}
+                  for s in self.slots if s.ema is not None}
         return {"decay": self.decay, "pieces": pieces}
 
     @torch.no_grad()
@@ -116,7 +116,7 @@ class ShardedEMA:
         multi = tdist.is_initialized() and tdist.get_world_size() > 1
         for s in self.slots:
             full = torch.zeros(s.numel, dtype=torch.float32, device=self.dist.device)
-            if s.ema is not None and s.owner:
+            if s.ema is not None:
                 full[s.offset: s.offset + s.valid] = s.ema
             if multi:
                 if dst is None:

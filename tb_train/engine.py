@@ -310,16 +310,17 @@ class TrainEngine:
         stats = None
         for j, mb in enumerate(micro):
             torch.manual_seed(mb.seed)
-            latents = mb.latents.to(self.dist.device, self.dtype)
+            # fp32 latents also in bf16 runs: the model quantizes them before its first layer.
+            latents = mb.latents.to(self.dist.device, torch.float32)
             out = self.ds(latents, mb.labels.to(self.dist.device))
             loss = out["loss"]
             # Corrupt inputs count too: the quantizer would map a NaN latent to a finite token silently.
-            finite = bool(torch.isfinite(loss.detach()).item() and torch.isfinite(latents).all().item())
-            # A non-finite step poisons every gradient with NaN, so the (all-reduced) gradient norm is NaN
-            # on all ranks and the optimizer skips the update together.
-            self.ds.backward(loss if finite else loss * float("nan"))
+            finite = torch.isfinite(loss.detach()) & torch.isfinite(latents).all()
+            # A non-finite step poisons every gradient with NaN (x 1.0 otherwise, exact; no host sync), so
+            # the all-reduced gradient norm is NaN on all ranks and the optimizer skips the update together.
+            self.ds.backward(loss * torch.where(finite, 1.0, float("nan")))
             row = torch.cat([loss.detach().float().reshape(1), out["ce_per_channel"].detach().float(),
-                             torch.tensor([0.0 if finite else 1.0], device=loss.device)])
+                             (~finite).float().reshape(1)])
             stats = row if stats is None else stats + row
             if j == len(micro) - 1:
                 stats = mean_over_ranks(stats / len(micro))

@@ -158,9 +158,8 @@ class Trainer:
             self.loader.load_state_dict(state["data"])
             self.engine.nonfinite_total = int(state.get("nonfinite_total", 0))
             if dist.is_main:
-                print(f"resumed from {plan.ckpt_dir / plan.tag} at step {self.step}"
-                      f"{' (universal: world ' + str(plan.state['world']) + ' -> ' + str(dist.world) + ')' if plan.universal else ''}",
-                      flush=True)
+                how = f" (universal: world {plan.state['world']} -> {dist.world})" if plan.universal else ""
+                print(f"resumed from {plan.ckpt_dir / plan.tag} at step {self.step}{how}", flush=True)
         model = self.engine.module
         self.metrics = MetricsLogger(
             cfg.metrics, str(self.run_dir), dist.rank, flops_per_sample=model.flops_per_sample(),

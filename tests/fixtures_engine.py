@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -195,52 +194,15 @@ def train_setup(deepspeed_warm, tmp_path_factory) -> TrainSetup:
     return TrainSetup(tmp_path_factory.mktemp("train"))
 
 
-# ----------------------------------------------------------------------------- a small stand-in model
+# ----------------------------------------------------------------------------- the tiny model
 
-class _Block(nn.Module):
-    def __init__(self, width: int):
-        super().__init__()
-        self.norm = nn.LayerNorm(width)
-        self.fc1, self.fc2 = nn.Linear(width, 2 * width), nn.Linear(2 * width, width)
-        self.drop = nn.Dropout(0.1)
+def tiny_model(seed: int = 0):
+    """The real TokenBridge `tiny` preset on the synthetic 4x4x4 latents (402,752 parameters)."""
+    from tb_model.registry import ModelConfig, create
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.drop(self.fc2(torch.nn.functional.gelu(self.fc1(self.norm(x)))))
-
-
-class StandInModel(nn.Module):
-    """The TokenBridge training interface on a tiny masked token model: random masks, dropout, CE per
-    channel over 8 bins, two block lists for activation checkpointing."""
-
-    levels = 8
-
-    def __init__(self, channels: int = LATENT_C, hw: int = LATENT_HW, width: int = 32):
-        super().__init__()
-        self.channels, self.tokens = channels, hw * hw
-        self.class_embed = nn.Embedding(NUM_CLASSES, width)
-        self.pos_embed = nn.Parameter(torch.randn(1, self.tokens, width) * 0.02)
-        self.proj = nn.Linear(channels, width)
-        self.encoder = nn.ModuleList(_Block(width) for _ in range(2))
-        self.decoder = nn.ModuleList(_Block(width) for _ in range(2))
-        self.head = nn.Linear(width, channels * self.levels)
-
-    def checkpoint_block_lists(self) -> list[nn.ModuleList]:
-        return [self.encoder, self.decoder]
-
-    def forward(self, latents: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        b = latents.shape[0]
-        x = latents.flatten(2).transpose(1, 2)                        # [B, L, C]
-        target = torch.bucketize(x.detach().float(), torch.linspace(-2, 2, self.levels - 1))
-        mask = (torch.rand(b, self.tokens, device=x.device) < 0.7).to(x.dtype)
-        h = self.proj(x * (1 - mask)[..., None]) + self.pos_embed + self.class_embed(labels)[:, None]
-        for blk in list(self.encoder) + list(self.decoder):
-            h = blk(h)
-        logits = self.head(h).view(b, self.tokens, self.channels, self.levels)
-        ce = nn.functional.cross_entropy(logits.flatten(0, 2).float(), target.flatten(), reduction="none")
-        ce = ce.view(b, self.tokens, self.channels)
-        weight = mask[..., None].float().expand_as(ce)
-        ce_per_channel = (ce * weight).sum((0, 1)) / weight.sum((0, 1)).clamp_min(1)
-        return {"loss": ce_per_channel.mean(), "ce_per_channel": ce_per_channel}
+    torch.manual_seed(seed)
+    return create(ModelConfig(size="tiny", latent_size=LATENT_HW, latent_channels=LATENT_C,
+                              num_classes=NUM_CLASSES))
 
 
 # ----------------------------------------------------------------------------- worker modes
@@ -253,45 +215,59 @@ def _synthetic_micro(step: int, micro_id: int, micro_batch: int, seed: int = 0):
     return MicroInput(latents, labels, derive_seed(seed, step, micro_id, 0))
 
 
+def _full_fp32(eng) -> dict[str, torch.Tensor]:
+    """Every parameter's full fp32 master value (a collective under ZeRO), by bare-model name."""
+    from deepspeed.utils import safe_get_full_fp32_param
+    from tb_train.engine import canonical_name
+
+    out = {}
+    for n, p in eng.module.named_parameters():
+        full = safe_get_full_fp32_param(p)
+        out[canonical_name(n)] = (p.detach() if full is None else full).float().clone()
+    return out
+
+
 def _engine_matrix(args: dict) -> dict:
-    """Per (stage, policy): losses of `steps` steps and the full gradients of the first step."""
-    import deepspeed
+    """Per (stage, policy): losses of `steps` steps, the full gradients of the first step, the sharded EMA
+    gathered at the end, and its max difference from an EMA of the gathered full weights of the same run."""
+    from deepspeed.utils import safe_get_full_grad
     from tb_train.dist import init_distributed
-    from tb_train.engine import EngineConfig, OptimConfig, build_engine
+    from tb_train.engine import EngineConfig, OptimConfig, build_engine, canonical_name
 
     dist = init_distributed()
     world, accum, mb = dist.world, args["accum"], args["micro_batch"]
     optim = OptimConfig(lr=1e-2, warmup_epochs=0, epochs=1, schedule="constant", grad_clip=1.0)
+    decay = args.get("ema_decay", 0.9)
     results = {}
     for stage in args["stages"]:
         for policy in args["policies"]:
-            torch.manual_seed(0)
             cfg = EngineConfig(deepspeed=f"zero{stage}", precision="fp32", grad_accum=accum,
-                               activation_checkpointing=policy, ema_decay=args.get("ema_decay", 0.9),
+                               activation_checkpointing=policy, ema_decay=decay,
                                ds_overrides={"zero_optimization": {"stage3_param_persistence_threshold": 0}}
                                if stage == 3 else {})
-            eng = build_engine(StandInModel, cfg, optim, mb, dist)
+            eng = build_engine(tiny_model, cfg, optim, mb, dist)
             grads: dict[str, list] = {}
             real_step = eng.ds.step
 
             def capture_then_step(real_step=real_step, eng=eng, grads=grads):
                 if not grads and eng.ds.is_gradient_accumulation_boundary():
                     for n, p in eng.module.named_parameters():
-                        from tb_train.engine import canonical_name
-                        g = deepspeed.utils.safe_get_full_grad(p)
-                        grads[canonical_name(n)] = g.flatten().tolist()
+                        grads[canonical_name(n)] = safe_get_full_grad(p).flatten().tolist()
                 return real_step()
 
             eng.ds.step = capture_then_step
+            full_ema = _full_fp32(eng)
             losses = []
             for step in range(args["steps"]):
                 micro = [_synthetic_micro(step, dist.rank * accum + j, mb) for j in range(accum)]
                 losses.append(eng.step(micro, optim.lr).loss)
+                for name, value in _full_fp32(eng).items():
+                    full_ema[name].lerp_(value, 1.0 - decay)
             ema = eng.ema.gather(dst=0)
-            key = f"{stage}/{policy}"
             if dist.rank == 0:
-                results[key] = {"losses": losses, "grads": grads,
-                                "ema": {k: v.flatten().tolist() for k, v in ema.items()}}
+                diff = max(float((ema[n] - full_ema[n]).abs().max()) for n in full_ema)
+                results[f"{stage}/{policy}"] = {"losses": losses, "grads": grads, "ema_vs_full": diff,
+                                                "ema": {k: v.flatten().tolist() for k, v in ema.items()}}
     return results
 
 
@@ -352,7 +328,7 @@ def _main() -> None:
         from tb_train.dist import init_distributed, shutdown
         from tb_train.engine import EngineConfig, OptimConfig, build_engine
         dist = init_distributed()
-        build_engine(StandInModel, EngineConfig(deepspeed="zero0", precision="fp32"), OptimConfig(), 2, dist)
+        build_engine(tiny_model, EngineConfig(deepspeed="zero0", precision="fp32"), OptimConfig(), 2, dist)
         shutdown()
         return
     if mode == "train":

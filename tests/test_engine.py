@@ -1,10 +1,12 @@
 """DeepSpeed engine: ZeRO 0-3 × activation checkpointing on 2 CPU ranks against one process.
 
-One 2-rank job runs every (stage, policy) pair for 5 steps on the same synthetic global batches as a
-single process with 2 accumulation micro-batches (stage 0, no checkpointing). Measured: losses, full
-gradients of the first step and the gathered EMA are bit-identical (fp32, CPU, gloo); the asserted
-tolerance is 1e-6 relative for losses/EMA and 1e-6 absolute for gradients, so a reduction-order change
-in a later DeepSpeed would not break the test while a wrong gradient or a lost EMA update would.
+One 2-rank job runs every (stage, policy) pair for 5 steps (tiny TokenBridge, fp32, lr 1e-2) on the same
+synthetic global batches as a single process with 2 accumulation micro-batches (stage 0, no
+checkpointing). Measured: first-step gradients identical everywhere; losses identical at stage 0 and
+within 1.2e-7 relative at stages 1-3 (reduction order; Adam then amplifies the difference in the weights,
+so the weights/EMA of different stages are not compared elementwise). Asserted: losses within 1e-5
+relative, gradients within 1e-6 absolute, checkpointing on == off, and the sharded EMA equal to an EMA
+of the same run's gathered full fp32 weights (measured: exactly, every stage).
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from fixtures_engine import StandInModel, deepspeed_warm, run_worker  # noqa: F401
+from fixtures_engine import deepspeed_warm, run_worker, tiny_model  # noqa: F401
 from tb_train.config import ConfigError
 from tb_train.engine import (CheckpointedBlock, EngineConfig, OptimConfig, apply_activation_checkpointing,
                              deepspeed_config, lr_at, param_groups)
@@ -36,18 +38,24 @@ def test_two_ranks_match_one_process(matrix, stage, policy):
     ref, runs = matrix
     run = runs[f"{stage}/{policy}"]
     assert len(run["losses"]) == STEPS and run["losses"][-1] < run["losses"][0]
-    np.testing.assert_allclose(run["losses"], ref["losses"], rtol=1e-6, atol=0)
+    np.testing.assert_allclose(run["losses"], ref["losses"], rtol=1e-5, atol=0)
     assert set(run["grads"]) == set(ref["grads"])
     for name, g in ref["grads"].items():
         np.testing.assert_allclose(run["grads"][name], g, rtol=0, atol=1e-6, err_msg=name)
-    for name, e in ref["ema"].items():
-        np.testing.assert_allclose(run["ema"][name], e, rtol=1e-6, atol=1e-7, err_msg=name)
 
 
-def test_checkpointing_keeps_gradients_and_ema(matrix):
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_sharded_ema_equals_ema_of_full_weights(matrix, stage):
+    ref, runs = matrix
+    assert ref["ema_vs_full"] == 0.0
+    assert runs[f"{stage}/none"]["ema_vs_full"] == 0.0 and runs[f"{stage}/full"]["ema_vs_full"] == 0.0
+
+
+def test_checkpointing_keeps_losses_and_gradients(matrix):
     _, runs = matrix
     for stage in (0, 1, 2, 3):
         plain, ckpt = runs[f"{stage}/none"], runs[f"{stage}/full"]
+        assert ckpt["losses"] == plain["losses"]
         assert any(np.abs(g).max() > 0 for g in plain["grads"].values())
         for name in plain["grads"]:
             np.testing.assert_allclose(ckpt["grads"][name], plain["grads"][name], rtol=0, atol=1e-6)
@@ -55,34 +63,35 @@ def test_checkpointing_keeps_gradients_and_ema(matrix):
 
 def test_ema_moves_with_training(matrix):
     """The EMA must differ from the initial weights (a lost update under ZeRO-3 would leave them)."""
-    ref, runs = matrix
-    torch.manual_seed(0)
-    init = {n: p.detach().flatten().numpy() for n, p in StandInModel().named_parameters()}
+    _, runs = matrix
+    init = {n: p.detach().flatten().numpy() for n, p in tiny_model().named_parameters()}
     ema = runs["3/full"]["ema"]
     assert max(np.abs(np.array(ema[n]) - init[n]).max() for n in init) > 1e-4
 
 
 def test_wrapper_keeps_state_dict_keys_and_policies():
-    model = StandInModel()
+    model = tiny_model()
     keys = list(model.state_dict())
-    assert apply_activation_checkpointing(model, "every_k", k=2) == 2   # blocks 0 of each 2-block list
-    assert isinstance(model.encoder[0], CheckpointedBlock) and not isinstance(model.encoder[1], CheckpointedBlock)
-    assert apply_activation_checkpointing(model, "full") == 2           # the rest
+    assert apply_activation_checkpointing(model, "every_k", k=2) == 3   # block 0 of each 2-block list
+    enc = model.mar.encoder_blocks
+    assert isinstance(enc[0], CheckpointedBlock) and not isinstance(enc[1], CheckpointedBlock)
+    assert apply_activation_checkpointing(model, "full") == 3           # the rest
     assert list(model.state_dict()) == keys
-    fresh = StandInModel()
+    fresh = tiny_model(seed=1)
     model.load_state_dict(fresh.state_dict())                           # strict, bare keys in
-    torch.testing.assert_close(model.encoder[0].ckpt_inner.fc1.weight, fresh.encoder[0].fc1.weight)
+    torch.testing.assert_close(enc[0].ckpt_inner.attn.qkv.weight, fresh.mar.encoder_blocks[0].attn.qkv.weight)
 
 
 def test_param_groups_exempt_biases_norms_embeddings():
-    model = StandInModel()
+    model = tiny_model()
     groups = {g["name"]: g for g in param_groups(model, OptimConfig())}
     no_decay = {id(p) for p in groups["no_decay"]["params"]}
     names = {n for n, p in model.named_parameters() if id(p) in no_decay}
-    assert {"class_embed.weight", "pos_embed", "proj.bias", "encoder.0.norm.weight"} <= names
-    assert "proj.weight" not in names and groups["decay"]["weight_decay"] == 0.02
+    assert {"mar.class_emb.weight", "mar.encoder_pos_embed_learned", "mar.z_proj.bias",
+            "mar.encoder_blocks.0.norm1.weight", "head.token_embed.0.weight"} <= names
+    assert "mar.z_proj.weight" not in names and groups["decay"]["weight_decay"] == 0.02
     kept = {id(p) for p in param_groups(model, OptimConfig(no_decay_embeddings=False))[0]["params"]}
-    assert id(model.pos_embed) in kept
+    assert id(model.mar.encoder_pos_embed_learned) in kept
 
 
 def test_lr_schedule_warmup_then_cosine():

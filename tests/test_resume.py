@@ -103,13 +103,15 @@ def test_resume_two_ranks_to_one(train_setup):
 
 
 def test_resume_one_rank_to_two(train_setup):
-    """ZeRO-2 this time (the reference is ZeRO-3): the loss trajectory is the same."""
+    """ZeRO-2 this time (the reference is ZeRO-3), and the resumed run switches activation checkpointing
+    on (parameter names gain the wrapper): the loss trajectory is the same."""
     setup = train_setup
     job = setup.start("from_one", 1, "engine.grad_accum=2", "engine.deepspeed=zero2", "run.max_steps=5",
                       name="from_one_a")
     assert job.wait(300) == [0], job.log_text()
     assert read_latest(setup.root / "from_one" / "checkpoints") == "step_00000005"
-    job = setup.start("from_one", 2, "engine.deepspeed=zero2", name="from_one_b")
+    job = setup.start("from_one", 2, "engine.deepspeed=zero2", "engine.activation_checkpointing=full",
+                      name="from_one_b")
     assert job.wait(300) == [0, 0], job.log_text()
     assert "universal: world 1 -> 2" in job.logs[0].read_text()
     assert min(setup.steps("from_one_b")) == 6

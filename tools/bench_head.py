@@ -81,10 +81,10 @@ def bench_heads(size: str, batch: int, dtype: torch.dtype, cfg_scale: float, arg
     return out
 
 
-def bench_whole(size: str, dtype: torch.dtype, cfg_scale: float, num_iter: int) -> dict:
+def bench_whole(size: str, dtype: torch.dtype, cfg_scale: float, num_iter: int, batch: int) -> dict:
     torch.manual_seed(0)
     model = create(size).to(dtype).eval()
-    labels = torch.tensor([1])
+    labels = torch.arange(batch) % model.config.num_classes
     head_time = [0.0]
     inner = model.head.sample
 
@@ -114,8 +114,8 @@ def interp(x: float, xs: list[int], ys: list[float]) -> float:
     return ys[-1]
 
 
-def estimate_whole(size: str, dtype: torch.dtype, cfg_scale: float, num_iter: int) -> dict:
-    """Whole-image time (batch 1) from component timings, for sizes too slow to generate on a CPU.
+def estimate_whole(size: str, dtype: torch.dtype, cfg_scale: float, num_iter: int, batch: int) -> dict:
+    """Whole-image time from component timings, for sizes too slow to generate on a CPU.
 
     MAR: one timed pass (batched CFG: 2 rows; official: 2 x 1 row) with 0, L/2 and L-1 known
     positions, linearly interpolated to each step's known count. Head: one timed call per distinct
@@ -125,17 +125,17 @@ def estimate_whole(size: str, dtype: torch.dtype, cfg_scale: float, num_iter: in
     model = create(size).to(dtype).eval()
     L, C = model.seq_len, model.config.latent_channels
     plan = [n for n, _ in mask_schedule(L, num_iter)]
-    labels = torch.tensor([1])
-    values = torch.zeros(1, L, C, dtype=dtype)
+    labels = torch.arange(batch) % model.config.num_classes
+    values = torch.zeros(batch, L, C, dtype=dtype)
     gen = torch.Generator().manual_seed(0)
-    z = torch.randn(L, model.config.width, dtype=dtype)
+    z = torch.randn(batch * L, model.config.width, dtype=dtype)
     out = {"size": size}
     with torch.inference_mode():
         for name, two_pass in (("fast", False), ("official", True)):
             anchors = [0, L // 2, L - 1]
             t_mar = []
             for known in anchors:
-                mask = torch.ones(1, L, dtype=torch.bool)
+                mask = torch.ones(batch, L, dtype=torch.bool)
                 mask[:, :known] = False
                 t0 = time.perf_counter()
                 model.guided_features(values, mask, labels, cfg_scale, two_pass=two_pass)
@@ -148,7 +148,7 @@ def estimate_whole(size: str, dtype: torch.dtype, cfg_scale: float, num_iter: in
                 mar_total += interp(known, anchors, t_mar)
                 if n not in head_t:
                     t0 = time.perf_counter()
-                    model.head.sample(z[:n], 1.0, gen, use_cache=not two_pass)
+                    model.head.sample(z[:batch * n], 1.0, gen, use_cache=not two_pass)
                     head_t[n] = time.perf_counter() - t0
                 head_total += head_t[n]
                 known += n
@@ -165,6 +165,7 @@ def main() -> None:
     ap.add_argument("--estimate", default="", help="comma list of sizes whose whole-image time is estimated "
                     "from component timings (for L/H on a CPU)")
     ap.add_argument("--num-iter", type=int, default=64)
+    ap.add_argument("--whole-batch", type=int, default=1, help="images per generate call in part 2")
     ap.add_argument("--cfg", type=float, default=3.0)
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
@@ -190,11 +191,11 @@ def main() -> None:
     sizes = [s for s in args.whole.split(",") if s]
     estimated = [s for s in args.estimate.split(",") if s]
     if sizes or estimated:
-        print(f"Part 2: whole-image generation, batch 1, num_iter {args.num_iter}, cfg {args.cfg} (s)")
+        print(f"Part 2: whole-image generation, batch {args.whole_batch}, num_iter {args.num_iter}, cfg {args.cfg} (s)")
         print(f"{'size':>5} {'fast':>8} {'head share':>10} {'official':>9} {'head share':>10} {'official/fast':>13}")
     runs = [(s, bench_whole, "") for s in sizes] + [(s, estimate_whole, "  (estimated)") for s in estimated]
     for size, fn, note in runs:
-        r = fn(size, dtype, args.cfg, args.num_iter)
+        r = fn(size, dtype, args.cfg, args.num_iter, args.whole_batch)
         print(f"{size:>5} {r['t_fast']:8.2f} {100 * r['head_fast'] / r['t_fast']:9.1f}% {r['t_official']:9.2f} "
               f"{100 * r['head_official'] / r['t_official']:9.1f}% {r['t_official'] / r['t_fast']:13.2f}{note}",
               flush=True)

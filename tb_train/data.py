@@ -118,9 +118,6 @@ class _MicroBatchReader(Dataset):
         return (torch.from_numpy(np.stack(moments).astype(np.float32)),
                 torch.tensor(labels, dtype=torch.int64))
 
-    def __len__(self) -> int:
-        return len(self.shards)
-
 
 class LatentLoader:
     """This rank's view of the global data order; `next_step()` yields its `accum` micro-batches."""

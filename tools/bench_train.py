@@ -26,6 +26,7 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,6 +40,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", default="base", help="model preset for parts 1 and 2")
     p.add_argument("--latent-size", type=int, default=16, help="latent grid side (16 = 256 px with KL-16)")
+    p.add_argument("--model", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="ModelConfig overrides for part 1, e.g. encoder_depth=2 (width stays the preset's)")
+    p.add_argument("--zero-model", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="ModelConfig overrides for part 2, e.g. latent_size=2 buffer_size=1 (cheap steps, "
+                        "same weight matrices)")
     p.add_argument("--micro-batch", type=int, default=2, help="images per step in part 1")
     p.add_argument("--steps", type=int, default=2, help="timed steps per configuration (after 1 warm-up)")
     p.add_argument("--threads", type=int, default=2, help="torch threads of the part-1 process")
@@ -79,7 +85,24 @@ def peak_rss_bytes() -> int:
 
 # ----------------------------------------------------------------------------- workers
 
-def _engine(args: argparse.Namespace, stage: int, dtype: str, policy: str, micro_batch: int):
+_T0 = time.perf_counter()
+
+
+def _progress(msg: str) -> None:
+    print(f"[{time.perf_counter() - _T0:7.1f} s] {msg}", file=sys.stderr, flush=True)
+
+
+def _overrides(items: list[str]) -> dict:
+    import yaml
+
+    pairs = [item.split("=", 1) for item in items]
+    if any(len(p) != 2 for p in pairs):
+        raise SystemExit(f"model overrides must be KEY=VALUE, got {items}")
+    return {k: yaml.safe_load(v) for k, v in pairs}
+
+
+def _engine(args: argparse.Namespace, stage: int, dtype: str, policy: str, micro_batch: int,
+            overrides: dict):
     from tb_model.registry import create
     from tb_train.dist import init_distributed
     from tb_train.engine import EngineConfig, OptimConfig, build_engine
@@ -89,7 +112,8 @@ def _engine(args: argparse.Namespace, stage: int, dtype: str, policy: str, micro
     cfg = EngineConfig(deepspeed=f"zero{stage}", precision=dtype, activation_checkpointing=policy_name,
                        checkpoint_k=k)
     rss_before_model = rss_bytes()
-    engine = build_engine(lambda: create(args.size, latent_size=args.latent_size), cfg, OptimConfig(),
+    overrides = {"latent_size": args.latent_size, **overrides}
+    engine = build_engine(lambda: create(args.size, **overrides), cfg, OptimConfig(),
                           micro_batch, dist)
     return dist, engine, rss_before_model
 
@@ -114,9 +138,13 @@ def ckpt_worker(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     gemm = measure_peak_flops(dtype, device="cpu")
-    dist, engine, _ = _engine(args, args.ckpt_stage, args.dtype, args.policy, args.micro_batch)
+    _progress(f"GEMM {gemm / 1e9:.0f} GFLOP/s")
+    dist, engine, _ = _engine(args, args.ckpt_stage, args.dtype, args.policy, args.micro_batch,
+                               _overrides(args.model))
+    _progress("engine built")
     b = args.micro_batch
     engine.step([_batch(engine, b, 0, 0)], lr=1e-4)  # warm-up: allocates optimizer state and gradients
+    _progress("warm-up step done")
     times, step_peaks = [], []
     for s in range(1, args.steps + 1):
         mb = _batch(engine, b, s, 0)
@@ -126,6 +154,7 @@ def ckpt_worker(args: argparse.Namespace) -> dict:
         engine.step([mb], lr=1e-4)
         times.append(time.perf_counter() - t0)
         step_peaks.append(peak_rss_bytes() - before)
+        _progress(f"step {s}: {times[-1]:.2f} s")
     mb = _batch(engine, b, args.steps + 1, 0)
     torch.manual_seed(mb.seed)
     engine.ds.train()
@@ -181,7 +210,8 @@ def zero_worker(args: argparse.Namespace) -> dict:
     from tb_train.dist import shutdown
 
     torch.set_num_threads(1)
-    dist, engine, rss_before_model = _engine(args, args.stage, args.dtype, "none", args.zero_micro_batch)
+    dist, engine, rss_before_model = _engine(args, args.stage, args.dtype, "none", args.zero_micro_batch,
+                                               _overrides(args.zero_model))
     engine.step([_batch(engine, args.zero_micro_batch, 0, dist.rank)], lr=1e-4)
     counted: set[tuple[int, int]] = set()
 
@@ -221,24 +251,31 @@ def _free_port() -> int:
 
 def _launch(worker_args: list[str], envs: list[dict], timeout: int) -> list[dict]:
     """Start one process per env (the ranks of one configuration); collect each one's result line."""
-    procs = []
+    procs, logs = [], []
     for extra in envs:
         env = dict(os.environ, DS_ACCELERATOR="cpu", MALLOC_MMAP_THRESHOLD_="65536",
                    PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **extra)
+        log = tempfile.TemporaryFile("w+")
         procs.append(subprocess.Popen([sys.executable, __file__, *worker_args], env=env, cwd=ROOT,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+                                      stdout=log, stderr=subprocess.STDOUT, text=True))
+        logs.append(log)
+    deadline = time.monotonic() + timeout
     results = []
-    for proc in procs:
+    for proc, log in zip(procs, logs):
         try:
-            out, _ = proc.communicate(timeout=timeout)
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             for p in procs:
                 p.kill()
-            raise RuntimeError(f"bench worker {' '.join(worker_args)} exceeded {timeout} s") from None
+                p.wait()
+        log.seek(0)
+        out = log.read()
+        log.close()
         lines = [line[len(MARK):] for line in out.splitlines() if line.startswith(MARK)]
         if proc.returncode != 0 or not lines:
             tail = "\n".join(out.splitlines()[-25:])
-            raise RuntimeError(f"bench worker {' '.join(worker_args)} failed (exit {proc.returncode}):\n{tail}")
+            raise RuntimeError(f"bench worker {' '.join(worker_args)} failed or exceeded {timeout} s "
+                               f"(exit {proc.returncode}):\n{tail}")
         results.append(json.loads(lines[-1]))
     return results
 
@@ -246,7 +283,8 @@ def _launch(worker_args: list[str], envs: list[dict], timeout: int) -> list[dict
 def _common_args(args: argparse.Namespace) -> list[str]:
     return ["--size", args.size, "--latent-size", str(args.latent_size), "--micro-batch", str(args.micro_batch),
             "--steps", str(args.steps), "--threads", str(args.threads), "--ckpt-stage", str(args.ckpt_stage),
-            "--zero-micro-batch", str(args.zero_micro_batch)]
+            "--zero-micro-batch", str(args.zero_micro_batch), "--model", *args.model,
+            "--zero-model", *args.zero_model]
 
 
 def run_ckpt(args: argparse.Namespace) -> list[dict]:
@@ -283,7 +321,7 @@ def format_ckpt(rows: list[dict]) -> str:
         t_ratio = f"{r['step_time_s'] / ref['step_time_s']:.2f}" if ref else "-"
         a_ratio = f"{r['activation_bytes'] / ref['activation_bytes']:.2f}" if ref else "-"
         lines.append(f"| {r['dtype']} | {r['policy']} | {r['step_time_s']:.2f} | {t_ratio} "
-                     f"| {r['model_flops'] / 1e9:.0f} | {r['gemm_flops'] / 1e9:.0f} | {r['mfu_vs_gemm']:.1%} "
+                     f"| {r['model_flops'] / 1e9:.1f} | {r['gemm_flops'] / 1e9:.1f} | {r['mfu_vs_gemm']:.1%} "
                      f"| {r['activation_bytes'] / GIB:.2f} | {a_ratio} | {r['step_peak_bytes'] / GIB:.2f} |")
     return "\n".join(lines)
 
@@ -315,11 +353,13 @@ def main(argv: list[str] | None = None) -> int:
     zero = run_zero(args) if args.zero_stages else []
     load = os.getloadavg()
     if ckpt:
-        print(f"\nActivation checkpointing and MFU ({args.size}, micro-batch {args.micro_batch}, "
+        print(f"\nActivation checkpointing and MFU ({args.size} {' '.join(args.model)}, latent {args.latent_size}, "
+              f"micro-batch {args.micro_batch}, "
               f"{args.threads} threads, ZeRO {args.ckpt_stage}):\n" + format_ckpt(ckpt))
     if zero:
         n = zero[0]["num_params"]
-        print(f"\nZeRO memory per rank at 2 ranks ({args.size}, {n / 1e6:.1f}M params, {args.zero_dtype}):\n"
+        print(f"\nZeRO memory per rank at 2 ranks ({args.size} {' '.join(args.zero_model)}, {n / 1e6:.1f}M params, "
+              f"{args.zero_dtype}):\n"
               + format_zero(zero))
     print(f"\nwall {time.time() - t0:.0f} s; load average at the end {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} "
           f"on {os.cpu_count()} CPUs")

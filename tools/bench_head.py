@@ -11,7 +11,7 @@ Part 2: whole-image generation at num_iter 64 with CFG: the head's share of the 
 default loop (batched CFG + KV cache) vs the official-style loop (two MAR passes + prefix recompute);
 measured by running `generate` (--whole) or estimated from timed MAR passes and head calls (--estimate).
 
-Usage: python tools/bench_head.py [--sizes tiny,L,H] [--batch 1,64] [--whole tiny] [--estimate L]
+Usage: python tools/bench_head.py [--sizes tiny,L] [--batch 1,64] [--whole tiny] [--estimate L]
                                  [--dtype fp32|bf16] [--threads N]
 """
 from __future__ import annotations
@@ -159,7 +159,7 @@ def estimate_whole(size: str, dtype: torch.dtype, cfg_scale: float, num_iter: in
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", default="tiny,L,H", help="comma list of tiny, base, L, H (part 1)")
+    ap.add_argument("--sizes", default="tiny,L", help="comma list of tiny, base, L, H (part 1; H adds ~15 min on a CPU)")
     ap.add_argument("--batch", default="1,64", help="comma list of positions per head call (part 1)")
     ap.add_argument("--whole", default="tiny", help="comma list of sizes for whole-image generation; '' = skip")
     ap.add_argument("--estimate", default="", help="comma list of sizes whose whole-image time is estimated "

@@ -159,7 +159,7 @@ def estimate_whole(size: str, dtype: torch.dtype, cfg_scale: float, num_iter: in
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", default="tiny,L", help="comma list of tiny, base, L, H (part 1; H adds ~15 min on a CPU)")
+    ap.add_argument("--sizes", default="tiny,L", help="part 1 sizes: tiny, base, L, H (H: ~15 min on a CPU)")
     ap.add_argument("--batch", default="1,64", help="comma list of positions per head call (part 1)")
     ap.add_argument("--whole", default="tiny", help="comma list of sizes for whole-image generation; '' = skip")
     ap.add_argument("--estimate", default="", help="comma list of sizes whose whole-image time is estimated "

@@ -308,7 +308,7 @@ def _train(args: dict) -> int:
 
     def on_step(trainer, result):
         if record is not None:
-            local = sum(float(s.view()[: s.valid].double().sum()) for s in trainer.engine.ema.slots
+            local = sum(float(s.view()[: s.valid].detach().double().sum()) for s in trainer.engine.ema.slots
                         if s.ema is not None)
             line = {"step": trainer.step, "loss": result.loss, "skipped": result.skipped, "fp32_sum": local}
             with open(f"{record}.steps{rank}", "a") as f:

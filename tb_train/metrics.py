@@ -119,6 +119,7 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
         self._t_start = self._t_data = None
+        self._last = (0, 0)
         self._reset()
 
     def _reset(self) -> None:
@@ -148,6 +149,7 @@ class MetricsLogger:
         self._wait += self._t_data - self._t_start
         for k, v in scalars.items():
             self._sums[k] = self._sums.get(k, 0.0) + float(v)
+        self._last = (step, samples)
         if step % self.cfg.log_every == 0:
             self._emit(step, samples)
             self._reset()
@@ -212,6 +214,10 @@ class MetricsLogger:
         os.replace(tmp, path)
 
     def close(self) -> None:
+        """Write the last, partial interval (if any) and close the event file."""
+        if self.active and self._steps:
+            self._emit(*self._last)
+            self._reset()
         if self.writer is not None:
             self.writer.close()
             self.writer = None

@@ -59,6 +59,16 @@ def test_scalars_on_both_axes_with_exact_throughput_and_mfu(tmp_path, capsys):
     assert len(lines) == 2 and "step 4" in lines[1] and "MFU 40.0%" in lines[1] and "data 25.0%" in lines[1]
 
 
+def test_close_writes_the_last_partial_interval(tmp_path, capsys):
+    clock = FakeClock()
+    logger = MetricsLogger(MetricsConfig(log_every=3), str(tmp_path), rank=0, flops_per_sample=1.0,
+                           peak_flops=None, samples_per_epoch=100, global_batch=8, world=1, clock=clock)
+    run_steps(logger, clock, steps=4, wait=0.0, compute=2.0)
+    logger.close()
+    assert [(e.step, e.value) for e in read_events(tmp_path).Scalars("loss")] == [(3, 2.0), (4, 4.0)]
+    assert len(capsys.readouterr().out.strip().splitlines()) == 2
+
+
 def test_image_grid_goes_to_tensorboard_and_png(tmp_path):
     logger = MetricsLogger(MetricsConfig(), str(tmp_path), rank=0, flops_per_sample=1.0, peak_flops=None,
                            samples_per_epoch=10, global_batch=2, world=1)

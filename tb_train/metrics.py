@@ -53,21 +53,33 @@ class MetricsConfig:
             raise ValueError(f"image_every must be >= 0, got {self.image_every}")
 
 
-def _gemm_flops(dtype: torch.dtype, device: torch.device, n: int, min_time: float) -> float:
-    """Best FLOP/s of an n×n×n matmul in `dtype` over repeats lasting at least `min_time` seconds."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
+def _gemm_flops(dtype: torch.dtype, device: torch.device, n: int | None, n_max: int, min_time: float) -> float:
+    """Best FLOP/s of an n×n×n matmul in `dtype` over repeats lasting at least `min_time` seconds.
+
+    With n None the size doubles from 256 until one matmul takes min_time/8 (or n reaches n_max), so a
+    dtype without fast kernels on this CPU (bf16 without AVX512-BF16/AMX) costs seconds, not minutes.
+    """
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    torch.mm(a, b)
-    sync()
-    best, spent = math.inf, 0.0
-    while spent < min_time or best == math.inf:
+
+    def timed(a: Tensor, b: Tensor) -> float:
         t0 = time.perf_counter()
         torch.mm(a, b)
         sync()
-        dt = time.perf_counter() - t0
+        return time.perf_counter() - t0
+
+    size = n or 256
+    while True:
+        a = torch.randn(size, size, device=device).to(dtype)
+        b = torch.randn(size, size, device=device).to(dtype)
+        timed(a, b)  # warm-up
+        best = spent = timed(a, b)
+        if n is not None or best >= min_time / 8 or size * 2 > n_max:
+            break
+        size *= 2
+    while spent < min_time:
+        dt = timed(a, b)
         best, spent = min(best, dt), spent + dt
-    return 2 * n ** 3 / best
+    return 2 * size ** 3 / best
 
 
 def measure_peak_flops(dtype: torch.dtype, device: str | torch.device | None = None,
@@ -75,8 +87,8 @@ def measure_peak_flops(dtype: torch.dtype, device: str | torch.device | None = N
     """Peak dense FLOP/s of one device in `dtype`, the denominator of MFU.
 
     On a GPU listed in the table the vendor's dense figure is returned (H100/H200: 989e12 for bf16);
-    otherwise — and always on CPU — it is measured: the best time of a square GEMM (n = 2048 on CPU,
-    8192 on GPU) in that dtype, repeated for at least `min_time` seconds.
+    otherwise — and always on CPU — it is measured: the best time of a square GEMM in that dtype (size n,
+    or grown up to 2048 on CPU / 8192 on GPU), repeated for at least `min_time` seconds.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
@@ -84,7 +96,7 @@ def measure_peak_flops(dtype: torch.dtype, device: str | torch.device | None = N
         for fragment, peaks in _GPU_PEAKS:
             if fragment in name and dtype in peaks:
                 return peaks[dtype]
-    return _gemm_flops(dtype, device, n or (8192 if device.type == "cuda" else 2048), min_time)
+    return _gemm_flops(dtype, device, n, 8192 if device.type == "cuda" else 2048, min_time)
 
 
 def peak_memory_bytes() -> int:

@@ -99,10 +99,17 @@ def run_worker(mode: str, args: dict, world: int, log_dir: Path, timeout: float 
     return json.loads(out.read_text())
 
 
+# Test modules import these session fixtures, and pytest then keeps one instance per importing module;
+# the module-level cache makes the work happen once per session anyway.
+_SESSION: dict[str, object] = {}
+
+
 @pytest.fixture(scope="session")
 def deepspeed_warm(tmp_path_factory) -> None:
     """Compile DeepSpeed's CPU comm op once (20-30 s cold), before ranks would race to build it."""
-    run_job([__file__, "warm", "{}"], 1, tmp_path_factory.mktemp("ds_warm"), timeout=600)
+    if "warm" not in _SESSION:
+        run_job([__file__, "warm", "{}"], 1, tmp_path_factory.mktemp("ds_warm"), timeout=600)
+        _SESSION["warm"] = True
 
 
 # ----------------------------------------------------------------------------- synthetic shards
@@ -191,7 +198,9 @@ class TrainSetup:
 
 @pytest.fixture(scope="session")
 def train_setup(deepspeed_warm, tmp_path_factory) -> TrainSetup:
-    return TrainSetup(tmp_path_factory.mktemp("train"))
+    if "train" not in _SESSION:
+        _SESSION["train"] = TrainSetup(tmp_path_factory.mktemp("train"))
+    return _SESSION["train"]
 
 
 # ----------------------------------------------------------------------------- the tiny model

@@ -232,7 +232,7 @@ class Trainer:
                 if result.grad_norm is not None:
                     scalars["grad_norm"] = result.grad_norm
                 scalars.update({f"ce/ch{i:02d}": float(v) for i, v in enumerate(result.ce_per_channel)})
-            self.metrics.step_end(self.step, self.step * loader.global_batch, scalars)
+            self.metrics.step_end(self.step, loader.samples_seen, scalars)
             for callback in self.callbacks:
                 callback(self, result)
             if result.skipped:

@@ -28,8 +28,8 @@ TRAIN_CONFIG = REPO / "configs" / "jobs" / "demo.yaml"
 
 
 @torch.no_grad()
-def sample_grid(model_file: Path, out_png: Path, per_class: int = 8, num_iter: int = 8, cfg: float = 2.0,
-                temperature: float = 1.0, seed: int = 0) -> Path:
+def sample_grid(model_file: Path, out_png: Path, per_class: int = 8, num_iter: int = 16, cfg: float = 3.0,
+                temperature: float = 0.7, seed: int = 0) -> Path:
     """One row per class: exported model → latents → demo VAE decode → PNG."""
     model = export.load_exported(model_file)
     classes = model.config.num_classes

@@ -133,10 +133,11 @@ def to_dict(cfg: Any) -> Any:
     return cfg
 
 
-def _deep_merge(base: dict, update: dict) -> dict:
+def deep_merge(base: dict, update: dict) -> dict:
+    """`update` over `base`, recursing into mappings present in both (inputs are not modified)."""
     out = dict(base)
     for k, v in update.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -157,7 +158,7 @@ def read_yaml(path: str | os.PathLike, _seen: tuple = ()) -> dict:
     base = data.pop(BASE_KEY, None)
     if base is None:
         return data
-    return _deep_merge(read_yaml(path.parent / base, _seen + (path.resolve(),)), data)
+    return deep_merge(read_yaml(path.parent / base, _seen + (path.resolve(),)), data)
 
 
 def parse_overrides(overrides: Iterable[str]) -> dict:
@@ -187,7 +188,7 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
     data = read_yaml(path) if path is not None else {}
     source = str(path) if path is not None else "<defaults>"
     if overrides:
-        data = _deep_merge(data, parse_overrides(overrides))
+        data = deep_merge(data, parse_overrides(overrides))
         source += " + overrides"
     return from_dict(cls, data, source=source)
 
@@ -215,6 +216,6 @@ def dump_config(cfg: Any, path: str | os.PathLike) -> None:
 
 
 __all__ = [
-    "ConfigError", "from_dict", "to_dict", "read_yaml", "parse_overrides", "load_config",
+    "ConfigError", "from_dict", "to_dict", "deep_merge", "read_yaml", "parse_overrides", "load_config",
     "dump_config", "atomic_write_text",
 ]

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from tb_train.config import ConfigError
+from tb_train.config import ConfigError, deep_merge
 from tb_train.dist import DistInfo, mean_over_ranks
 
 DEEPSPEED_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "deepspeed"
@@ -193,13 +193,6 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
 
 # ----------------------------------------------------------------------------- DeepSpeed config
 
-def _deep_merge(base: dict, update: dict) -> dict:
-    out = dict(base)
-    for key, value in update.items():
-        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
-            else value
-    return out
-
 
 def resolve_deepspeed_file(spec: str) -> Path:
     """`zero2` → configs/deepspeed/zero2.json; anything with a suffix or a slash is a path."""
@@ -220,7 +213,7 @@ def deepspeed_config(cfg: EngineConfig, optim: OptimConfig, micro_batch: int, wo
     for key in JOB_OWNED_DS_KEYS:
         if key in base or key in cfg.ds_overrides:
             raise ConfigError(f"{path}: key '{key}' is set by the job config (data/optim/engine), remove it")
-    ds = _deep_merge(base, copy.deepcopy(cfg.ds_overrides))
+    ds = deep_merge(base, copy.deepcopy(cfg.ds_overrides))
     if "stage" not in ds.get("zero_optimization", {}):
         raise ConfigError(f"{path}: missing 'zero_optimization.stage'")
     ds.update({

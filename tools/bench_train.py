@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -243,12 +242,6 @@ def zero_worker(args: argparse.Namespace) -> dict:
 
 # ----------------------------------------------------------------------------- driver
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(worker_args: list[str], envs: list[dict], timeout: int) -> list[dict]:
     """Start one process per env (the ranks of one configuration); collect each one's result line."""
     procs, logs = [], []
@@ -302,7 +295,8 @@ def run_ckpt(args: argparse.Namespace) -> list[dict]:
 def run_zero(args: argparse.Namespace) -> list[dict]:
     rows = []
     for stage in args.zero_stages:
-        port = str(_free_port())
+        from tb_train.dist import free_port  # the driver itself stays free of torch until here
+        port = str(free_port())
         envs = [{"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
                  "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"} for r in range(2)]
         worker = ["--worker", "zero", "--stage", str(stage), "--dtype", args.zero_dtype, *_common_args(args)]

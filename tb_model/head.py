@@ -188,13 +188,15 @@ class ARHead(_HeadBase):
 
     @torch.no_grad()
     def sample(self, z: Tensor, temperature: float = 1.0, generator: torch.Generator | None = None,
-               use_cache: bool = True) -> tuple[Tensor, Tensor]:
+               use_cache: bool = True, uniforms: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Sample tokens step by step: z [N, cond_dim] -> (tokens [N, C] long, summed log-prob [N]).
 
         use_cache=False recomputes the whole prefix at every step (the released code's loop).
+        uniforms [N, steps] (optional) replaces the draw from `generator` (per-sample random streams).
         """
         N = z.shape[0]
-        uniforms = torch.rand(N, self.steps, device=z.device, generator=generator)
+        if uniforms is None:
+            uniforms = torch.rand(N, self.steps, device=z.device, generator=generator)
         cond = self.cond_proj(z)
         c_all = cond[:, None] + self.step_embed.to(cond.dtype)
         picked = torch.zeros(N, 0, dtype=torch.long, device=z.device)
@@ -246,8 +248,9 @@ class ParallelHead(_HeadBase):
 
     @torch.no_grad()
     def sample(self, z: Tensor, temperature: float = 1.0, generator: torch.Generator | None = None,
-               use_cache: bool = True) -> tuple[Tensor, Tensor]:
+               use_cache: bool = True, uniforms: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """One pass for all steps: z [N, cond_dim] -> (tokens [N, C], summed log-prob [N])."""
-        uniforms = torch.rand(z.shape[0], self.steps, device=z.device, generator=generator)
+        if uniforms is None:
+            uniforms = torch.rand(z.shape[0], self.steps, device=z.device, generator=generator)
         tok, lp = pick_tokens(self.forward(z), uniforms, temperature)
         return self.ungroup_tokens(tok), lp.sum(dim=1)

@@ -16,6 +16,7 @@ for equivalence tests and speed comparisons.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,18 @@ from .registry import ModelConfig, resolve
 
 ORDERS = ("random", "raster", "confidence")
 CFG_SCHEDULES = ("linear", "constant")
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def draw_uniform(shape: tuple[int, ...], batch: int, generator: Generators, device: torch.device) -> Tensor:
+    """Uniforms [batch, *shape] on `device`: one draw from a generator, or one draw per sample from a
+    list of `batch` generators (on their own devices), so that a sample's numbers do not depend on
+    which other samples share its batch."""
+    if isinstance(generator, Sequence):
+        if len(generator) != batch:
+            raise ValueError(f"got {len(generator)} generators for a batch of {batch}")
+        return torch.stack([torch.rand(shape, generator=g, device=g.device) for g in generator]).to(device)
+    return torch.rand(batch, *shape, device=device, generator=generator)
 
 
 def mask_schedule(seq_len: int, num_iter: int) -> list[tuple[int, int]]:
@@ -165,17 +178,18 @@ class TokenBridge(nn.Module):
                                 torch.cat([labels, fake])).chunk(2)
         return z_u + weight * (z_c - z_u)
 
-    def _sample_at(self, z: Tensor, positions: Tensor, temperature: float, generator: torch.Generator | None,
+    def _sample_at(self, z: Tensor, positions: Tensor, temperature: float, generator: Generators,
                    use_cache: bool) -> tuple[Tensor, Tensor]:
         """Head samples at positions [B, n] of z [B, L, w] -> (tokens [B, n, C] original channel order, log p [B, n])."""
         B, n = positions.shape
         zsel = z.gather(1, positions[..., None].expand(-1, -1, z.shape[-1])).flatten(0, 1)
-        tok, logp = self.head.sample(zsel, temperature, generator, use_cache)
+        uniforms = draw_uniform((n, self.head.steps), B, generator, z.device).flatten(0, 1)
+        tok, logp = self.head.sample(zsel, temperature, None, use_cache, uniforms=uniforms)
         return tok[:, list(self.channel_inverse)].view(B, n, -1), logp.view(B, n)
 
     @torch.no_grad()
     def generate(self, labels: Tensor, num_iter: int = 64, cfg: float = 1.0, cfg_schedule: str = "linear",
-                 temperature: float = 1.0, order: str = "random", generator: torch.Generator | None = None,
+                 temperature: float = 1.0, order: str = "random", generator: Generators = None,
                  official: bool = False) -> Tensor:
         """Sample latents for class labels [B] (value num_classes = unconditional) -> scaled latents [B, C, h, w].
 
@@ -185,6 +199,8 @@ class TokenBridge(nn.Module):
         unconditional branch. order: "random" (a random permutation per sample), "raster", or
         "confidence" (the head samples every masked position; the ones whose tokens have the highest
         summed log-probability are kept). temperature 0 = argmax. Runs in eval mode.
+        generator: one torch.Generator for the batch, or a list of B generators, one per sample: then
+        sample i's order and tokens come from generator i alone (same result in any batch).
         """
         if num_iter < 1:
             raise ValueError(f"num_iter must be >= 1, got {num_iter}")
@@ -202,11 +218,11 @@ class TokenBridge(nn.Module):
             self.train(was_training)
 
     def _generate(self, labels: Tensor, num_iter: int, cfg: float, cfg_schedule: str, temperature: float,
-                  order: str, generator: torch.Generator | None, official: bool) -> Tensor:
+                  order: str, generator: Generators, official: bool) -> Tensor:
         B, L, C = labels.shape[0], self.seq_len, self.config.latent_channels
         device = labels.device
         if order == "random":
-            score = torch.rand(B, L, device=device, generator=generator)
+            score = draw_uniform((L,), B, generator, device)
         else:
             score = -torch.arange(L, device=device, dtype=torch.float32).expand(B, L)
         tokens = torch.zeros(B, L, C, dtype=torch.long, device=device)

@@ -5,7 +5,7 @@ The paper's VAE is MAR's LDM-style KL-16 (`kl16.ckpt`, weights under "model"). d
 LDM keys (`convert_ldm_vae_state_dict`). Other VAEs (e.g. Stable Diffusion's, 4 channels, f8) load
 from a diffusers folder or a `.safetensors` file with its config. Loading is strict: every weight in
 the file must be used and every parameter filled, and nothing is ever downloaded — a wrong file is a
-one-line `VAELoadError` naming the file and the offending keys.
+one-line `InputError` naming the file and the offending keys.
 
 Latent convention (DESIGN.md §4): `encode` returns posterior moments (mean ‖ logvar); a latent is a
 posterior sample times `scale` (0.2325 for KL-16, no mean shift); `decode` divides by `scale` first.
@@ -13,7 +13,6 @@ posterior sample times `scale` (0.2325 for KL-16, no mean shift); `decode` divid
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import re
@@ -24,14 +23,12 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from tb_core.errors import InputError
+from tb_core.fileio import sha256_files
+
 KL16_SCALE = 0.2325
 LDM_SUFFIXES = (".ckpt", ".pt", ".pth")
-_HASH_CHUNK = 1 << 24
 _SHOWN_KEYS = 5
-
-
-class VAELoadError(ValueError):
-    """A VAE path, config or weight file is wrong; the message is one line naming the file."""
 
 
 @dataclass
@@ -89,7 +86,7 @@ def _squeeze_to(src: Tensor, ndim: int, key: str) -> Tensor:
     if src.ndim == ndim:
         return src
     if any(s != 1 for s in src.shape[ndim:]):
-        raise VAELoadError(f"key '{key}' has shape {tuple(src.shape)}, expected a 1x1 conv kernel")
+        raise InputError(f"key '{key}' has shape {tuple(src.shape)}, expected a 1x1 conv kernel")
     return src.reshape(src.shape[:ndim])
 
 
@@ -148,27 +145,17 @@ def _strict_load(model: nn.Module, sd: dict[str, Tensor], source: str) -> None:
             parts.append(f"{len(missing)} missing keys ({_first(missing)})")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected keys ({_first(unexpected)})")
-        raise VAELoadError(f"{source}: weights do not fit the VAE architecture: " + "; ".join(parts))
+        raise InputError(f"{source}: weights do not fit the VAE architecture: " + "; ".join(parts))
     wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if sd[k].shape != v.shape]
     if wrong:
-        raise VAELoadError(f"{source}: {len(wrong)} keys have the wrong shape (file vs model): {_first(wrong)}")
+        raise InputError(f"{source}: {len(wrong)} keys have the wrong shape (file vs model): {_first(wrong)}")
     model.load_state_dict(sd, strict=True, assign=True)
-
-
-def _hash_files(files: tuple[str, ...]) -> str:
-    """sha256 over the files' bytes in the given order, read in chunks (no whole-file copy in memory)."""
-    digest = hashlib.sha256()
-    for name in files:
-        with open(name, "rb") as f:
-            while chunk := f.read(_HASH_CHUNK):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 @functools.lru_cache(maxsize=16)
 def _cached_hash(files: tuple[str, ...], stamps: tuple[tuple[int, int], ...]) -> str:
     """`stamps` (size, mtime_ns per file) is only part of the cache key: a rewritten file is rehashed."""
-    return _hash_files(files)
+    return sha256_files(list(files))
 
 
 def weights_identity(files: list[str]) -> str:
@@ -238,28 +225,28 @@ def _build(config: dict, source: str) -> nn.Module:
 
     name = config.get("_class_name", "AutoencoderKL")
     if name != "AutoencoderKL":
-        raise VAELoadError(f"{source}: config is for {name}, only AutoencoderKL is supported")
+        raise InputError(f"{source}: config is for {name}, only AutoencoderKL is supported")
     try:
         with torch.device("meta"):
             return AutoencoderKL.from_config(config)
     except (TypeError, ValueError) as e:
-        raise VAELoadError(f"{source}: bad AutoencoderKL config: {str(e).splitlines()[0]}") from None
+        raise InputError(f"{source}: bad AutoencoderKL config: {str(e).splitlines()[0]}") from None
 
 
 def _read_ldm_checkpoint(path: Path) -> dict[str, Tensor]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise VAELoadError(f"{path}: cannot read as a torch checkpoint: {str(e).splitlines()[0]}") from None
+        raise InputError(f"{path}: cannot read as a torch checkpoint: {str(e).splitlines()[0]}") from None
     if not isinstance(ckpt, dict):
-        raise VAELoadError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
+        raise InputError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
     for key in ("model", "state_dict"):
         if isinstance(ckpt.get(key), dict):
             ckpt = ckpt[key]
             break
     sd = {k: v for k, v in ckpt.items() if isinstance(v, Tensor)}
     if not sd:
-        raise VAELoadError(f"{path}: no tensors found (expected weights under 'model' or 'state_dict')")
+        raise InputError(f"{path}: no tensors found (expected weights under 'model' or 'state_dict')")
     return sd
 
 
@@ -271,7 +258,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict]:
             metadata = f.metadata() or {}
             sd = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as e:
-        raise VAELoadError(f"{path}: cannot read safetensors: {e}") from None
+        raise InputError(f"{path}: cannot read safetensors: {e}") from None
     return sd, metadata
 
 
@@ -279,9 +266,9 @@ def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise VAELoadError(f"{path}: cannot read config JSON: {str(e).splitlines()[0]}") from None
+        raise InputError(f"{path}: cannot read config JSON: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
-        raise VAELoadError(f"{path}: config JSON must be an object")
+        raise InputError(f"{path}: config JSON must be an object")
     return data
 
 
@@ -290,7 +277,7 @@ def _safetensors_config(path: Path, metadata: dict) -> dict | None:
         try:
             return json.loads(metadata["config"])
         except json.JSONDecodeError as e:
-            raise VAELoadError(f"{path}: metadata 'config' is not valid JSON: {e}") from None
+            raise InputError(f"{path}: metadata 'config' is not valid JSON: {e}") from None
     sidecar = path.with_suffix(".json")
     return _read_json(sidecar) if sidecar.is_file() else None
 
@@ -305,22 +292,22 @@ def _folder_weights(folder: Path) -> list[Path]:
         found = sorted(folder.glob(pattern))
         if len(found) > 1:
             names = ", ".join(p.name for p in found)
-            raise VAELoadError(f"{folder}: several weight files ({names}); keep one")
+            raise InputError(f"{folder}: several weight files ({names}); keep one")
         if found:
             return found
-    raise VAELoadError(f"{folder}: no weight file (*.safetensors or *.bin)")
+    raise InputError(f"{folder}: no weight file (*.safetensors or *.bin)")
 
 
 def _read_folder(folder: Path) -> tuple[dict[str, Tensor], dict, list[Path]]:
     config_path = folder / "config.json"
     if not config_path.is_file():
         hint = " (a pipeline folder? point to its vae/ subfolder)" if (folder / "vae" / "config.json").is_file() else ""
-        raise VAELoadError(f"{folder}: no config.json{hint}")
+        raise InputError(f"{folder}: no config.json{hint}")
     files = _folder_weights(folder)
     sd: dict[str, Tensor] = {}
     for f in files:
         if not f.is_file():
-            raise VAELoadError(f"{f}: weight file named in the index is missing")
+            raise InputError(f"{f}: weight file named in the index is missing")
         part = _read_safetensors(f)[0] if f.suffix == ".safetensors" else _read_ldm_checkpoint(f)
         sd.update(part)
     return sd, _read_json(config_path), files
@@ -330,12 +317,12 @@ def load_vae(cfg: VAEConfig, device: str | torch.device = "cpu", dtype: torch.dt
     """Build the VAE named by `cfg` from local files only, strictly (see the module docstring)."""
     path = Path(cfg.path).expanduser()
     if not path.exists():
-        raise VAELoadError(f"{path}: VAE weights not found (a local path is required; nothing is downloaded)")
+        raise InputError(f"{path}: VAE weights not found (a local path is required; nothing is downloaded)")
     if cfg.arch not in ("auto", "kl16", "diffusers"):
-        raise VAELoadError(f"{path}: unknown arch {cfg.arch!r} (auto, kl16 or diffusers)")
+        raise InputError(f"{path}: unknown arch {cfg.arch!r} (auto, kl16 or diffusers)")
     if path.is_dir():
         if cfg.arch == "kl16":
-            raise VAELoadError(f"{path}: arch 'kl16' needs a weight file, got a folder (use arch 'diffusers')")
+            raise InputError(f"{path}: arch 'kl16' needs a weight file, got a folder (use arch 'diffusers')")
         sd, config, files = _read_folder(path)
         is_kl16 = False
     elif path.suffix == ".safetensors":
@@ -343,16 +330,16 @@ def load_vae(cfg: VAEConfig, device: str | torch.device = "cpu", dtype: torch.dt
         is_kl16 = cfg.arch == "kl16"
         config = kl16_config() if is_kl16 else _safetensors_config(path, metadata)
         if config is None:
-            raise VAELoadError(
+            raise InputError(
                 f"{path}: no AutoencoderKL config (metadata 'config' or sidecar {path.with_suffix('.json').name});"
                 " set arch 'kl16' if these are KL-16 weights")
         files = [path]
     elif path.suffix in LDM_SUFFIXES:
         if cfg.arch == "diffusers":
-            raise VAELoadError(f"{path}: arch 'diffusers' needs a folder or a .safetensors file")
+            raise InputError(f"{path}: arch 'diffusers' needs a folder or a .safetensors file")
         sd, config, files, is_kl16 = _read_ldm_checkpoint(path), kl16_config(), [path], True
     else:
-        raise VAELoadError(f"{path}: unknown VAE file type (want .ckpt/.pt/.pth, .safetensors, or a folder)")
+        raise InputError(f"{path}: unknown VAE file type (want .ckpt/.pt/.pth, .safetensors, or a folder)")
 
     if _is_ldm_layout(sd):
         sd = convert_ldm_vae_state_dict(sd)
@@ -368,6 +355,6 @@ def _check_kl16_channels(sd: dict[str, Tensor], path: Path) -> None:
     """Name the real cause when a checkpoint for another VAE is read as KL-16."""
     w = sd.get("quant_conv.weight")
     if w is not None and w.shape[0] != 2 * 16:
-        raise VAELoadError(
+        raise InputError(
             f"{path}: checkpoint has {w.shape[0] // 2} latent channels, KL-16 has 16"
             " (give a diffusers folder or a .safetensors file with its config)")

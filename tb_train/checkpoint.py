@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tb_train.config import atomic_write_text
+from tb_core.fileio import atomic_write_text
 from tb_train.dist import barrier
 from tb_train.engine import canonical_name
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from tb_train.config import ConfigError
+from tb_core.errors import ConfigError
 from tb_train.shards import LatentShards
 
 # Separate random streams derived from (seed, epoch): one for the order, one for the views.

@@ -26,10 +26,11 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from tb_train.config import ConfigError, deep_merge
+from tb_core.config import deep_merge
+from tb_core.errors import ConfigError
+from tb_train.recipes import config_path
 from tb_train.dist import DistInfo, mean_over_ranks
 
-DEEPSPEED_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "deepspeed"
 # Fields of the DeepSpeed JSON that the job config owns; a JSON that sets them is rejected, not overridden.
 JOB_OWNED_DS_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                      "gradient_clipping", "optimizer", "scheduler", "bf16", "fp16")
@@ -195,11 +196,11 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
 
 
 def resolve_deepspeed_file(spec: str) -> Path:
-    """`zero2` → configs/deepspeed/zero2.json; anything with a suffix or a slash is a path."""
-    path = Path(spec) if (spec.endswith(".json") or "/" in spec) else DEEPSPEED_CONFIG_DIR / f"{spec}.json"
-    if not path.is_file():
-        raise ConfigError(f"engine.deepspeed: DeepSpeed config '{path}' not found")
-    return path
+    """`zero2` → the packaged tb_train/configs/deepspeed/zero2.json; a path is used as it is."""
+    try:
+        return config_path(spec, "deepspeed")
+    except ConfigError as e:
+        raise ConfigError(f"engine.deepspeed: {e}") from None
 
 
 def deepspeed_config(cfg: EngineConfig, optim: OptimConfig, micro_batch: int, world: int,

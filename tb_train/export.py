@@ -25,7 +25,9 @@ import yaml
 
 from tb_model.registry import ModelConfig, create, resolve
 from tb_train.checkpoint import read_latest, read_train_state
-from tb_train.config import ConfigError, atomic_write_text, from_dict, to_dict
+from tb_core.config import from_dict, to_dict
+from tb_core.errors import ConfigError
+from tb_core.fileio import atomic_write_text
 from tb_train.ema import consolidate
 from tb_train.engine import canonical_name
 

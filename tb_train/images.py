@@ -16,15 +16,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from tb_core.errors import InputError
 from tb_train.demo_data import ensure_demo_images
 from tb_train.shards import PreadFiles, group_members, tar_members
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
 DEMO_PREFIX = "demo:"
-
-
-class InputError(ValueError):
-    """The input path is wrong or holds no images; the message is one line naming the path."""
 
 
 def adm_center_crop(img: Image.Image, size: int) -> np.ndarray:
@@ -188,6 +185,6 @@ def collate(items: list[tuple[int, torch.Tensor | None, int, str]]) -> dict:
 
 
 __all__ = [
-    "IMAGE_EXTS", "DEMO_PREFIX", "InputError", "adm_center_crop", "ImageList", "list_image_folder", "list_tars",
+    "IMAGE_EXTS", "DEMO_PREFIX", "adm_center_crop", "ImageList", "list_image_folder", "list_tars",
     "list_images", "ImageDataset", "collate",
 ]

@@ -17,7 +17,6 @@ Definitions (all per logging interval, averaged over its steps):
 from __future__ import annotations
 
 import math
-import os
 import resource
 import sys
 import time
@@ -27,6 +26,8 @@ from typing import Callable
 
 import torch
 from torch import Tensor
+
+from tb_core.fileio import atomic_write_with
 
 EPOCH_AXIS = "by_epoch1000x/"
 
@@ -220,10 +221,7 @@ class MetricsLogger:
             self.writer.add_image(tag, grid, step)
             self.writer.flush()
         path = self.run_dir / "samples" / f"step_{step:07d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_image(grid, tmp, format="png")
-        os.replace(tmp, path)
+        atomic_write_with(path, lambda f: save_image(grid, f, format="png"))
 
     def close(self) -> None:
         """Write the last, partial interval (if any) and close the event file."""

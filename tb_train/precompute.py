@@ -37,20 +37,18 @@ from tqdm import tqdm
 
 from tb_model.ordering import frequency_order
 from tb_model.quantizer import DimensionwiseQuantizer, QuantizerConfig
-from tb_model.vae import LatentVAE, VAEConfig, VAELoadError, load_vae
+from tb_model.vae import LatentVAE, VAEConfig, load_vae
+from tb_core.errors import ConfigError, InputError
 from tb_train import dist
-from tb_train.config import ConfigError, atomic_write_text, load_config, to_dict
-from tb_train.images import ImageDataset, ImageList, InputError, collate, list_images
+from tb_core.config import load_config, to_dict
+from tb_core.fileio import atomic_write_text, sha256_file
+from tb_train.images import ImageDataset, ImageList, collate, list_images
 from tb_train.shards import (
-    FORMAT, MANIFEST, REJECTED, STATS, LatentShards, ShardError, sample_key, sha256_file, shard_name,
+    FORMAT, MANIFEST, REJECTED, STATS, LatentShards, sample_key, shard_name,
     write_shard,
 )
 
 IDENTITY = "precompute.json"
-
-
-class PrecomputeError(ValueError):
-    """The job cannot proceed (e.g. the output folder was made with another VAE); one line."""
 
 
 @dataclass
@@ -130,7 +128,7 @@ def _claim_output(out: Path, ident: dict) -> None:
         for key in ident:
             if old.get(key) != ident[key]:
                 what = {"vae": "VAE", "inputs_sha256": "another input listing"}.get(key, key)
-                raise PrecomputeError(f"{out}: was precomputed with {what} {_shown(key, old.get(key))}, this "
+                raise InputError(f"{out}: was precomputed with {what} {_shown(key, old.get(key))}, this "
                                       f"run has {_shown(key, ident[key])}; refusing to mix them (use another "
                                       "output folder)")
         return
@@ -310,7 +308,7 @@ def _assemble(out: Path, ident: dict, images: ImageList, num_shards: int, order_
     _remove_stale_temps(out, list(range(num_shards)), older_than=started)
     num_samples = sum(i["count"] for i in infos)
     if num_samples == 0:
-        raise PrecomputeError(f"{images.root}: every input image was rejected (see the shard sidecars in {out})")
+        raise InputError(f"{images.root}: every input image was rejected (see the shard sidecars in {out})")
     rejected = [r for i in infos for r in i["rejected"]]
     atomic_write_text(out / REJECTED, "".join(f"{idx}\t{name}\t{reason}\n" for idx, name, reason in rejected))
 
@@ -427,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         dist.export_env()
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         run(cfg, rank, world, int(os.environ["LOCAL_RANK"]))
-    except (ConfigError, InputError, ShardError, PrecomputeError, VAELoadError) as e:
+    except (ConfigError, InputError) as e:
         print(f"tb-precompute: error: {e}", file=sys.stderr)
         return 2
     return 0

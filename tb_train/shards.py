@@ -18,25 +18,23 @@ manifest of an uninterrupted run exactly.
 from __future__ import annotations
 
 import bisect
-import hashlib
 import io
 import json
 import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import IO, Sequence
 
 import numpy as np
+
+from tb_core.errors import InputError
+from tb_core.fileio import atomic_write_with, sha256_file
 
 FORMAT = "tokenbridge-latents/1"
 MANIFEST = "manifest.json"
 STATS = "stats.json"
 REJECTED = "rejected.txt"
-
-
-class ShardError(ValueError):
-    """A latent folder or shard is missing, incomplete or corrupt; the message is one line naming it."""
 
 
 def shard_name(shard_id: int) -> str:
@@ -45,14 +43,6 @@ def shard_name(shard_id: int) -> str:
 
 def sample_key(index: int) -> str:
     return f"{index:09d}"
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _npy_bytes(arr: np.ndarray) -> bytes:
@@ -85,27 +75,20 @@ def write_shard(
     path = Path(path)
     if indices is not None and len(indices) != len(samples):
         raise ValueError(f"{path.name}: {len(indices)} index arrays for {len(samples)} samples")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                for i, (key, moments, label) in enumerate(samples):
-                    if moments.dtype != np.float16 or moments.ndim != 4 or moments.shape[0] != 2:
-                        raise ValueError(
-                            f"{path.name}: sample {key}: moments must be float16 [2, 2C, h, w], "
-                            f"got {moments.dtype} {list(moments.shape)}")
-                    _add_member(tar, f"{key}.moments.npy", _npy_bytes(moments))
-                    _add_member(tar, f"{key}.cls", str(int(label)).encode("ascii"))
-                    if indices is not None:
-                        _add_member(tar, f"{key}.indices.npy", _npy_bytes(indices[i].astype(np.uint8)))
-            f.flush()
-            os.fsync(f.fileno())
-        digest = sha256_file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return digest
+    def write(f: IO[bytes]) -> None:
+        with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for i, (key, moments, label) in enumerate(samples):
+                if moments.dtype != np.float16 or moments.ndim != 4 or moments.shape[0] != 2:
+                    raise ValueError(
+                        f"{path.name}: sample {key}: moments must be float16 [2, 2C, h, w], "
+                        f"got {moments.dtype} {list(moments.shape)}")
+                _add_member(tar, f"{key}.moments.npy", _npy_bytes(moments))
+                _add_member(tar, f"{key}.cls", str(int(label)).encode("ascii"))
+                if indices is not None:
+                    _add_member(tar, f"{key}.indices.npy", _npy_bytes(indices[i].astype(np.uint8)))
+
+    atomic_write_with(path, write)
+    return sha256_file(path)
 
 
 class PreadFiles:
@@ -156,7 +139,7 @@ def tar_members(path: str | os.PathLike) -> list[tuple[str, int, int]]:
         with tarfile.open(path, mode="r:") as tar:
             return [(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
     except (tarfile.TarError, OSError) as e:
-        raise ShardError(f"tar {path}: unreadable ({e})") from None
+        raise InputError(f"tar {path}: unreadable ({e})") from None
 
 
 def group_members(members: list[tuple[str, int, int]]) -> list[tuple[str, dict[str, tuple[int, int]]]]:
@@ -175,22 +158,22 @@ def index_tar(path: str | os.PathLike) -> list[_Entry]:
     entries = []
     for key, g in group_members(tar_members(path)):
         if "moments.npy" not in g or "cls" not in g:
-            raise ShardError(f"shard {path}: sample {key} lacks moments.npy or cls")
+            raise InputError(f"shard {path}: sample {key} lacks moments.npy or cls")
         entries.append(_Entry(key, g["moments.npy"], g["cls"], g.get("indices.npy")))
     return entries
 
 
 def read_manifest(folder: str | os.PathLike) -> dict:
-    """Load and sanity-check manifest.json of a precomputed folder (one-line ShardError otherwise)."""
+    """Load and sanity-check manifest.json of a precomputed folder (one-line InputError otherwise)."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
-        raise ShardError(f"{path}: not found (not a precomputed latent folder, or precompute unfinished)")
+        raise InputError(f"{path}: not found (not a precomputed latent folder, or precompute unfinished)")
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ShardError(f"{path}: invalid JSON ({e})") from None
+        raise InputError(f"{path}: invalid JSON ({e})") from None
     if manifest.get("format") != FORMAT:
-        raise ShardError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+        raise InputError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
     return manifest
 
 
@@ -212,16 +195,16 @@ class LatentShards:
         self.shards: list[dict] = self.manifest["shards"]
         self._ends = list(np.cumsum([s["count"] for s in self.shards], dtype=np.int64).tolist())
         if self._ends and self._ends[-1] != self.manifest["num_samples"]:
-            raise ShardError(f"{self.folder / MANIFEST}: shard counts sum to {self._ends[-1]}, "
+            raise InputError(f"{self.folder / MANIFEST}: shard counts sum to {self._ends[-1]}, "
                              f"num_samples says {self.manifest['num_samples']}")
         for s in self.shards:
             path = self.folder / s["name"]
             if not path.is_file():
-                raise ShardError(f"shard {path}: missing")
+                raise InputError(f"shard {path}: missing")
             if verify:
                 got = sha256_file(path)
                 if got != s["sha256"]:
-                    raise ShardError(f"shard {path}: sha256 mismatch (manifest {s['sha256'][:12]}…, "
+                    raise InputError(f"shard {path}: sha256 mismatch (manifest {s['sha256'][:12]}…, "
                                      f"file {got[:12]}…): corrupt or modified")
         self._index: dict[int, list[_Entry]] = {}
         self._files = PreadFiles()
@@ -242,7 +225,7 @@ class LatentShards:
             path = self.folder / self.shards[shard]["name"]
             entries = index_tar(path)
             if len(entries) != self.shards[shard]["count"]:
-                raise ShardError(f"shard {path}: holds {len(entries)} samples, manifest says "
+                raise InputError(f"shard {path}: holds {len(entries)} samples, manifest says "
                                  f"{self.shards[shard]['count']}")
             self._index[shard] = entries
         return self._index[shard]
@@ -275,6 +258,6 @@ class LatentShards:
 
 
 __all__ = [
-    "FORMAT", "MANIFEST", "STATS", "REJECTED", "ShardError", "shard_name", "sample_key", "sha256_file",
+    "FORMAT", "MANIFEST", "STATS", "REJECTED", "shard_name", "sample_key",
     "PreadFiles", "write_shard", "tar_members", "group_members", "index_tar", "read_manifest", "LatentShards",
 ]

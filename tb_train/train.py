@@ -32,14 +32,14 @@ import torch.nn as nn
 from tb_model.registry import ModelConfig, create, resolve
 from tb_model.vae import VAEConfig, sample_latents
 from tb_train.checkpoint import CheckpointConfig, load_checkpoint, plan_resume, save_checkpoint
-from tb_train.config import ConfigError, dump_config, load_config
+from tb_core.config import dump_config, load_config
+from tb_core.errors import ConfigError, InputError
 from tb_train.data import DataConfig, LatentLoader
 from tb_train.dist import DistInfo, any_flag, init_distributed, shutdown
 from tb_train.engine import (EngineConfig, MicroInput, OptimConfig, StepResult, TrainEngine, build_engine,
                              canonical_name, deepspeed_config, derive_seed, lr_at,
                              resolve_grad_accum)
 from tb_train.metrics import MetricsConfig, MetricsLogger, measure_peak_flops
-from tb_train.shards import ShardError
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_PREEMPTED = 0, 2, 3, 75
 MODEL_SEED_STREAM = 2 ** 31 - 1  # micro_id slot for the weight-init seed (never a real micro-batch id)
@@ -281,7 +281,7 @@ def run(cfg: TrainJobConfig, source: str = "<config>",
                 raise ConfigError(f"{source}: samples.vae.path: {cfg.samples.vae.path} not found")
             loader = LatentLoader(cfg.data, dist.rank, dist.world, cfg.engine.grad_accum)
             check_data_matches_model(loader, cfg.model, source)
-        except (ConfigError, ShardError, ValueError) as e:
+        except (ConfigError, InputError, ValueError) as e:
             error = e
         if _fail(dist, error):
             return EXIT_BAD_INPUT

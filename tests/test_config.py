@@ -7,7 +7,8 @@ from typing import Literal, Optional
 import pytest
 import yaml
 
-from tb_train.config import ConfigError, dump_config, load_config, parse_overrides, to_dict
+from tb_core.config import dump_config, load_config, parse_overrides, to_dict
+from tb_core.errors import ConfigError
 
 
 @dataclass

@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from fixtures_data import NUM_CLASSES, SCALE, decode_rows, write_latent_folder
-from tb_train.config import ConfigError
+from fixtures.data import NUM_CLASSES, SCALE, decode_rows, write_latent_folder
+from tb_core.errors import ConfigError, InputError
 from tb_train.data import DataConfig, LatentLoader, epoch_order, epoch_views
-from tb_train.shards import ShardError
 
 N = 50  # samples in the folder; not a multiple of the global batches below, so tails are dropped
 
@@ -140,11 +139,11 @@ def test_bad_input_gives_one_line_errors(folder, tmp_path):
     with pytest.raises(ConfigError, match="exceeds the 50 samples") as e:
         loaders(folder, world=4, accum=2, micro=7)
     assert "\n" not in str(e.value)
-    with pytest.raises(ShardError, match="manifest.json"):
+    with pytest.raises(InputError, match="manifest.json"):
         LatentLoader(DataConfig(path=str(tmp_path)), 0, 1, 1)
     bad = write_latent_folder(tmp_path / "bad", 10, samples_per_shard=4)
     (bad / "shard-000001.tar").write_bytes(b"x" * 512)
-    with pytest.raises(ShardError, match="shard-000001.tar.*sha256"):
+    with pytest.raises(InputError, match="shard-000001.tar.*sha256"):
         LatentLoader(DataConfig(path=str(bad)), 0, 1, 1)
     with pytest.raises(ValueError, match="micro_batch"):
         DataConfig(path=folder, micro_batch=0)

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from fixtures_engine import deepspeed_warm, run_worker, tiny_model  # noqa: F401
-from tb_train.config import ConfigError
+from fixtures.engine import run_worker, tiny_model
+from tb_core.errors import ConfigError
 from tb_train.engine import (CheckpointedBlock, EngineConfig, OptimConfig, apply_activation_checkpointing,
                              deepspeed_config, lr_at, param_groups)
 
@@ -108,5 +108,5 @@ def test_deepspeed_config_fills_job_fields_and_rejects_conflicts(tmp_path):
     bad.write_text('{"zero_optimization": {"stage": 2}, "train_batch_size": 8}')
     with pytest.raises(ConfigError, match="train_batch_size"):
         deepspeed_config(EngineConfig(deepspeed=str(bad)), OptimConfig(), 8, 1)
-    with pytest.raises(ConfigError, match="not found"):
+    with pytest.raises(ConfigError, match="no such file"):
         deepspeed_config(EngineConfig(deepspeed="zero9"), OptimConfig(), 8, 1)

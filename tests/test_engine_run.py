@@ -8,7 +8,7 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from fixtures_engine import TrainSetup, deepspeed_warm, train_setup  # noqa: F401
+from fixtures.engine import TrainSetup
 from tb_train.checkpoint import read_latest
 from tb_train.train import EXIT_BAD_INPUT, EXIT_NONFINITE, main
 
@@ -74,7 +74,7 @@ def test_nonfinite_steps_skipped_then_run_stops(train_setup):
 
 def test_data_model_mismatch_and_calibration_sample(train_setup):
     from tb_model.registry import ModelConfig
-    from tb_train.config import ConfigError
+    from tb_core.config import ConfigError
     from tb_train.data import DataConfig, LatentLoader
     from tb_train.train import calibration_latents, check_data_matches_model
 

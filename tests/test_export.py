@@ -7,9 +7,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from fixtures_engine import TrainSetup, deepspeed_warm, train_setup  # noqa: F401
+from fixtures.engine import TrainSetup
 from tb_model.registry import ModelConfig, create
-from tb_train.config import from_dict
+from tb_core.config import from_dict
 from tb_train.ema import consolidate
 from tb_train.engine import derive_seed
 from tb_train.export import load_exported, main

@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from fixtures_precompute import CORRUPT, image_dir, make_tars, run_cli, tiny_vae, tiny_vae_dir  # noqa: F401
+from fixtures.precompute import CORRUPT, make_tars, run_cli, tiny_vae
 from tb_model.quantizer import DimensionwiseQuantizer, QuantizerConfig
-from tb_train.config import load_config
-from tb_train.precompute import PrecomputeConfig, PrecomputeError, main, run, sidecar_name
-from tb_train.shards import LatentShards, ShardError, shard_name
+from tb_core.config import load_config
+from tb_train.precompute import PrecomputeConfig, main, run, sidecar_name
+from tb_core.errors import InputError
+from tb_train.shards import LatentShards, shard_name
 
 PER_SHARD = 5
 BATCH = 3  # does not divide PER_SHARD: batches must still stop at shard boundaries
@@ -149,10 +150,10 @@ def test_rerun_with_another_vae_or_setting_is_refused(tmp_path, reference, image
     other = tiny_vae(tmp_path / "other_vae")
     weights = other / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-4] + b"\x00\x00\x80\x3f")  # one weight changed → new identity
-    with pytest.raises(PrecomputeError, match="VAE") as e:
+    with pytest.raises(InputError, match="VAE") as e:
         run(_cfg(*_args(image_dir, reference, other)))
     assert "\n" not in str(e.value) and str(reference) in str(e.value)
-    with pytest.raises(PrecomputeError, match="resolution 16, this run has 32"):
+    with pytest.raises(InputError, match="resolution 16, this run has 32"):
         run(_cfg(*_args(image_dir, reference, tiny_vae_dir, "resolution=32")))
 
 
@@ -207,7 +208,7 @@ def test_tampered_output_shard_is_named(tmp_path, reference):
     data = bytearray((out / shard_name(2)).read_bytes())
     data[1024] ^= 1
     (out / shard_name(2)).write_bytes(bytes(data))
-    with pytest.raises(ShardError, match=shard_name(2)) as e:
+    with pytest.raises(InputError, match=shard_name(2)) as e:
         LatentShards(out)
     assert "\n" not in str(e.value)
     assert (out / sidecar_name(2)).is_file()

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from tb_model.vae import VAEConfig, load_vae
-from tb_train.config import load_config
+from tb_core.config import load_config
 from tb_train.demo_data import DEMO_CLASSES, DEMO_VAE, demo_digits, ensure_demo_images
 from tb_train.images import adm_center_crop
 from tb_train.precompute import PrecomputeConfig, run

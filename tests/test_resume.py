@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from fixtures_engine import SAMPLES, TrainSetup, deepspeed_warm, train_setup  # noqa: F401
+from fixtures.engine import SAMPLES, TrainSetup
 from tb_train.checkpoint import read_latest
 from tb_train.ema import consolidate
 from tb_train.train import EXIT_PREEMPTED

@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 import webdataset as wds
 
+
+from tb_core.errors import InputError
+from tb_core.fileio import sha256_file
 from tb_train.shards import (
-    FORMAT, LatentShards, ShardError, sample_key, sha256_file, shard_name, write_shard,
+    FORMAT, LatentShards, sample_key, shard_name, write_shard,
 )
 
 
@@ -73,7 +76,7 @@ def test_tampered_shard_is_named_in_one_line(tmp_path):
     data = bytearray(path.read_bytes())
     data[600] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(ShardError) as e:
+    with pytest.raises(InputError) as e:
         LatentShards(tmp_path)
     msg = str(e.value)
     assert shard_name(1) in msg and "sha256" in msg and "\n" not in msg
@@ -81,11 +84,11 @@ def test_tampered_shard_is_named_in_one_line(tmp_path):
 
 
 def test_missing_manifest_and_missing_shard(tmp_path):
-    with pytest.raises(ShardError, match="manifest.json"):
+    with pytest.raises(InputError, match="manifest.json"):
         LatentShards(tmp_path)
     _write_folder(tmp_path, [[0], [1]])
     (tmp_path / shard_name(0)).unlink()
-    with pytest.raises(ShardError, match=shard_name(0)):
+    with pytest.raises(InputError, match=shard_name(0)):
         LatentShards(tmp_path, verify=False)
 
 

@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tb_core.errors import InputError
 from tb_model import vae as vae_mod
 from tb_model.vae import (
     KL16_SCALE,
     VAEConfig,
-    VAELoadError,
     convert_ldm_vae_state_dict,
     kl16_config,
     load_vae,
@@ -272,7 +272,7 @@ def test_kl16_mismatch_is_one_line_error(tmp_path, edit, expected):
         sd["post_quant_conv.bias"] = torch.zeros(8)
     path = tmp_path / "bad.ckpt"
     torch.save({"model": sd}, path)
-    with pytest.raises(VAELoadError) as err:
+    with pytest.raises(InputError) as err:
         load_vae(VAEConfig(path=str(path)))
     msg = str(err.value)
     assert "\n" not in msg and str(path) in msg and expected in msg
@@ -282,24 +282,24 @@ def test_other_latent_channels_named(tmp_path):
     sd = _shape_only(RefKL(z=4).state_dict())
     path = tmp_path / "sd_vae.pth"
     torch.save({"state_dict": sd}, path)
-    with pytest.raises(VAELoadError, match="checkpoint has 4 latent channels, KL-16 has 16"):
+    with pytest.raises(InputError, match="checkpoint has 4 latent channels, KL-16 has 16"):
         load_vae(VAEConfig(path=str(path)))
 
 
 def test_missing_path_and_unknown_type(tmp_path):
-    with pytest.raises(VAELoadError, match="not found .*nothing is downloaded"):
+    with pytest.raises(InputError, match="not found .*nothing is downloaded"):
         load_vae(VAEConfig(path=str(tmp_path / "kl16.ckpt")))
     odd = tmp_path / "weights.onnx"
     odd.write_bytes(b"x")
-    with pytest.raises(VAELoadError, match="unknown VAE file type"):
+    with pytest.raises(InputError, match="unknown VAE file type"):
         load_vae(VAEConfig(path=str(odd)))
-    with pytest.raises(VAELoadError, match="arch 'kl16' needs a weight file"):
+    with pytest.raises(InputError, match="arch 'kl16' needs a weight file"):
         load_vae(VAEConfig(path=str(tmp_path), arch="kl16"))
     ckpt = tmp_path / "kl16.pt"
     ckpt.write_bytes(b"x")
-    with pytest.raises(VAELoadError, match="arch 'diffusers' needs a folder or a .safetensors file"):
+    with pytest.raises(InputError, match="arch 'diffusers' needs a folder or a .safetensors file"):
         load_vae(VAEConfig(path=str(ckpt), arch="diffusers"))
-    with pytest.raises(VAELoadError, match="cannot read as a torch checkpoint"):
+    with pytest.raises(InputError, match="cannot read as a torch checkpoint"):
         load_vae(VAEConfig(path=str(ckpt)))
 
 
@@ -335,7 +335,7 @@ def test_diffusers_folder_round_trip(tmp_path, images):
     double = load_vae(VAEConfig(path=str(tmp_path / "vae")), dtype=torch.float64)
     assert next(double.parameters()).dtype == torch.float64 and double.encode(images).dtype == torch.float32
     torch.testing.assert_close(double.encode(images), vae.encode(images), atol=1e-4, rtol=0)
-    with pytest.raises(VAELoadError, match="no config.json .*vae/ subfolder"):
+    with pytest.raises(InputError, match="no config.json .*vae/ subfolder"):
         load_vae(VAEConfig(path=str(tmp_path)))
 
 
@@ -349,7 +349,7 @@ def test_safetensors_round_trip(tmp_path, images):
     _check_same(load_vae(VAEConfig(path=str(with_meta))), model, images)
     bare = tmp_path / "sidecar.safetensors"
     save_file(model.state_dict(), bare)
-    with pytest.raises(VAELoadError, match="no AutoencoderKL config .*sidecar.json"):
+    with pytest.raises(InputError, match="no AutoencoderKL config .*sidecar.json"):
         load_vae(VAEConfig(path=str(bare)))
     (tmp_path / "sidecar.json").write_text(config)
     _check_same(load_vae(VAEConfig(path=str(bare), arch="diffusers")), model, images)
@@ -359,8 +359,8 @@ def test_identity_hashed_once(tmp_path, monkeypatch):
     path = tmp_path / "w.bin"
     path.write_bytes(b"weights" * 1000)
     calls = []
-    real = vae_mod._hash_files
-    monkeypatch.setattr(vae_mod, "_hash_files", lambda files: calls.append(files) or real(files))
+    real = vae_mod.sha256_files
+    monkeypatch.setattr(vae_mod, "sha256_files", lambda files: calls.append(files) or real(files))
     first = vae_mod.weights_identity([str(path)])
     assert vae_mod.weights_identity([str(path)]) == first == hashlib.sha256(path.read_bytes()).hexdigest()
     assert len(calls) == 1

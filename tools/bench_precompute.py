@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from tb_model.vae import VAEConfig, kl16_config, load_vae
-from tb_train.config import load_config
+from tb_core.config import load_config
 from tb_train.demo_data import DEMO_VAE
 from tb_train.images import ImageDataset, list_images
 from tb_train.precompute import PrecomputeConfig, _encode_batch, _resolve_device, run

@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 import types
 from pathlib import Path
 from typing import Any, Iterable, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from tb_core.errors import ConfigError
+from tb_core.fileio import atomic_write_text
+
 T = TypeVar("T")
 BASE_KEY = "_base_"
-
-
-class ConfigError(ValueError):
-    """A config file or override is wrong; the message is one line naming source and key."""
 
 
 def _type_name(tp: Any) -> str:
@@ -193,29 +191,9 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
     return from_dict(cls, data, source=source)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write via a temporary file in the same folder and rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def dump_config(cfg: Any, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML (what a run actually used), atomically."""
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-__all__ = [
-    "ConfigError", "from_dict", "to_dict", "deep_merge", "read_yaml", "parse_overrides", "load_config",
-    "dump_config", "atomic_write_text",
-]
+__all__ = ["from_dict", "to_dict", "deep_merge", "read_yaml", "parse_overrides", "load_config", "dump_config"]

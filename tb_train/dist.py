@@ -52,6 +52,26 @@ def _slurm_master_addr() -> str:
         return nodelist.split(",")[0]
 
 
+def job_port(job_id: str) -> int:
+    """Rendezvous port of a scheduler job: a function of its id, so every task of the job (on any node)
+    computes the same one without talking to the others, and a requeued job reuses it (Slurm starts the
+    next attempt only after the previous one has released it)."""
+    digits = "".join(c for c in str(job_id) if c.isdigit()) or "0"
+    return 20000 + int(digits) % 20000
+
+
+def export_task_env(rank: int, world: int, local_rank: int, local_world: int, master_addr: str,
+                    job_id: str) -> None:
+    """Set the `env://` variables for one task of a scheduler job, overwriting inherited ones.
+
+    A submitit task inherits the environment of the shell that ran `tb-submit` (sbatch's default
+    `--export=ALL`), which may hold another job's RANK or MASTER_PORT; the task's own values must win.
+    """
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank),
+                      LOCAL_WORLD_SIZE=str(local_world), MASTER_ADDR=master_addr,
+                      MASTER_PORT=str(job_port(job_id)))
+
+
 def export_env() -> None:
     """Fill RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT for `env://` from the launcher's variables.
 
@@ -65,7 +85,7 @@ def export_env() -> None:
         env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
         env.setdefault("LOCAL_WORLD_SIZE", env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])
         env.setdefault("MASTER_ADDR", _slurm_master_addr())
-        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+        env.setdefault("MASTER_PORT", str(job_port(env.get("SLURM_JOB_ID", "0"))))
     if "RANK" not in env:
         env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["LOCAL_WORLD_SIZE"] = "0", "1", "0", "1"
         env.setdefault("MASTER_ADDR", "127.0.0.1")

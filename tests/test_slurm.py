@@ -1,0 +1,124 @@
+"""tb-submit against a real single-node Slurm on localhost (tests/fixtures/slurm.py), 2 CPU tasks.
+
+Reference: the tiny TokenBridge job of fixtures.engine (ZeRO-3, fp32, 10 steps, checkpoints every 5)
+submitted as `tb-submit train`. Preempted and time-limited runs use the same training code through
+the `fixtures.slurm` job module, whose hooks record per-step losses (float64) and hold every rank after a
+given step until the signal arrives, so the interruption lands at a known step. Their TensorBoard losses
+must equal the reference's exactly, and no step may run twice (steps lost per preemption: 0).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from fixtures.engine import JOB_YAML, LATENT_C, LATENT_HW, NUM_CLASSES, SAMPLES, read_jsonl, write_latent_folder
+from tb_train.checkpoint import read_latest
+from tb_train.launch import records
+from tb_train.launch.status import report
+from tb_train.launch.submit import main as submit_main
+
+pytest_plugins = ["fixtures.slurm"]
+pytestmark = [pytest.mark.slurm, pytest.mark.distributed]
+
+CLUSTER = "slurm_debug"
+TIMINGS: dict[str, float] = {}
+
+
+class Setup:
+    def __init__(self, root: Path):
+        self.root = root
+        self.data = write_latent_folder(root / "data", num_samples=SAMPLES, per_shard=20)
+        self.job = root / "job.yaml"
+        self.job.write_text(JOB_YAML.format(data=self.data, hw=LATENT_HW, c=LATENT_C, classes=NUM_CLASSES,
+                                            run=root / "default_run"))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, slurm_cluster, deepspeed_warm) -> Setup:
+    return Setup(tmp_path_factory.mktemp("slurm_jobs"))
+
+
+def submit(capsys, *argv: str) -> str:
+    """Run tb-submit in-process; returns the job id it printed."""
+    capsys.readouterr()
+    code = submit_main(list(argv))
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return out.split("submitted job ")[1].split()[0]
+
+
+def only_job(run: Path) -> dict:
+    jobs = records.read_jobs(run)
+    assert len(jobs) == 1
+    return jobs[0]
+
+
+def tb_scalars(run: Path, tag: str = "loss") -> dict[int, float]:
+    """step -> value of `tag` over every event file of the run (each attempt writes its own file)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[int, float] = {}
+    for f in sorted((run / "tensorboard").glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(f), size_guidance={"scalars": 0})
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            for e in acc.Scalars(tag):
+                assert e.step not in out, f"step {e.step} logged twice (a step ran twice)"
+                out[e.step] = e.value
+    return out
+
+
+def task_results(run: Path, job_id: str, tasks: int = 2) -> list:
+    import submitit
+
+    return submitit.SlurmJob(folder=records.submit_dir(run) / "logs" / job_id, job_id=job_id,
+                             tasks=list(range(tasks))).results()
+
+
+def wait_blocked(record: Path, cluster, job_id: str, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not all(Path(f"{record}.blocked{r}").exists() for r in range(2)):
+        assert cluster.queue(job_id), "job left the queue before reaching the hold step"
+        assert time.monotonic() < deadline, "job did not reach the hold step in time"
+        time.sleep(0.2)
+
+
+def test_rank_environment_from_slurm(slurm_cluster, tmp_path, capsys):
+    run = tmp_path / "env"
+    job_id = submit(capsys, "fixtures.slurm", "--cluster", CLUSTER, "--run-dir", str(run),
+                    f"probe.env={tmp_path / 'ranks'}")
+    slurm_cluster.wait_gone(job_id, 120)
+    assert task_results(run, job_id) == [0, 0]
+    ranks = [json.loads((tmp_path / "ranks" / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [(r["RANK"], r["LOCAL_RANK"], r["WORLD_SIZE"]) for r in ranks] == [("0", "0", "2"), ("1", "1", "2")]
+    assert {r["MASTER_ADDR"] for r in ranks} == {"127.0.0.1"}
+    assert {r["MASTER_PORT"] for r in ranks} == {str(20000 + int(job_id) % 20000)}
+    script = Path(only_job(run)["sbatch"]).read_text()
+    assert "#SBATCH --partition=debug" in script and "#SBATCH --ntasks-per-node=2" in script
+
+
+def test_train_two_tasks(slurm_cluster, setup, capsys):
+    run = setup.root / "reference"
+    t0 = time.time()
+    job_id = submit(capsys, "train", "--config", str(setup.job), "--cluster", CLUSTER, f"run.dir={run}")
+    slurm_cluster.wait_gone(job_id, 400)
+    assert task_results(run, job_id) == [0, 0]
+    state = json.loads((run / "checkpoints" / "step_00000010" / "train_state.json").read_text())
+    assert state["world"] == 2 and state["step"] == 10
+    assert read_latest(run / "checkpoints") == "step_00000010"
+    losses = tb_scalars(run)
+    assert sorted(losses) == list(range(1, 11))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    TIMINGS["submit_to_first_step_s"] = acc.Scalars("loss")[0].wall_time - t0
+    attempts = records.read_attempts(run, job_id)
+    assert [(a["attempt"], a["status"], a["outcome"]) for a in attempts] == [(0, 0, "finished")]
+    text = report(run)
+    assert f"train: job {job_id}" in text and "COMPLETED" in text and "last checkpoint step_00000010" in text
+    code = json.loads((run / "submit" / "code.json").read_text())
+    assert len(code["commit"]) == 40
+    print(f"\nmeasured: submit -> first training step {TIMINGS['submit_to_first_step_s']:.1f} s")

@@ -5,7 +5,7 @@ transformer over the sequence [cond, E_0(t_0), ..., E_{S-2}(t_{S-2})] (cond = Li
 table per step, a learned step position embedding) whose blocks are adaLN-Zero modulated by
 cond + a learned per-step embedding; step i's output goes through its own classifier to give the
 logits of token t_i. Layout as in the authors' release (qk-norm LayerNorms, an extra LayerNorm
-before the adaLN final modulation); sizes per DESIGN §4.
+before the adaLN final modulation); sizes per size preset in tb_model.config.
 
 `ParallelHead` (the paper's ablation) predicts all steps at once from cond alone: the same trunk
 without token embeddings, so the channels are conditionally independent given z.

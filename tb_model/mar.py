@@ -1,7 +1,7 @@
 """MAR: the spatial masked-autoregressive encoder-decoder that turns a partly known latent grid into
 one conditioning vector z per position.
 
-Layout and behaviour follow the authors' MAR/TokenBridge code (DESIGN §4): 64 (configurable) buffer
+Layout and behaviour follow the authors' MAR/TokenBridge code: 64 (configurable) buffer
 tokens that all hold the class embedding, learned position embeddings for encoder and decoder plus
 one added to the decoder output, bidirectional pre-norm ViT blocks (LayerNorm eps 1e-6, qkv bias,
 MLP ratio 4, projection and attention dropout), an encoder that sees only the known positions and a
@@ -19,6 +19,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
 LN_EPS = 1e-6
@@ -75,10 +76,10 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, causal: bool = False, cache: Tensor | None = None, pos: int = 0) -> Tensor:
         """x [B, T, dim] -> [B, T, dim]."""
-        B, T, D = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = rearrange(self.qkv(x), "b t (qkv h d) -> qkv b h t d", qkv=3, h=self.num_heads)
         q, k = self.q_norm(q), self.k_norm(k)
         if cache is not None:
+            T = x.shape[1]
             if T > 1 and pos != 0:
                 raise ValueError("a cached attention step takes one token, or the prefix from position 0")
             cache[0, :, :, pos:pos + T] = k
@@ -87,7 +88,7 @@ class Attention(nn.Module):
             causal = causal and T > 1
         drop = self.attn_dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=causal)
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, T, D)))
+        return self.proj_drop(self.proj(rearrange(out, "b h t d -> b t (h d)")))
 
 
 class Block(nn.Module):

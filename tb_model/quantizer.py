@@ -7,10 +7,14 @@ rows = C for per-channel tables), strictly increasing along `levels`. Quantizati
 nearest-value assignment; dequantization is a table lookup.
 
 Schemes:
-- "gaussian" (the authors' released table): x_n = clamp((x - qmin) / (qmax - qmin) * 6 - 3, -3, 3);
-  bin edges Phi^-1(linspace(0, 1, levels + 1)) clamped to [-3, 3]; each bin's value is the mean of
-  the standard normal truncated to the bin, (phi(a) - phi(b)) / (Phi(b) - Phi(a)); stored mapped
-  back to latent units v -> (v + 3) / 6 * (qmax - qmin) + qmin.
+- "gaussian" (the authors' released table, bit for bit): x_n = clamp((x - qmin) / (qmax - qmin) * 6 - 3,
+  -3, 3); bin edges Phi^-1(linspace(0, 1, levels + 1)) clamped to [-3, 3]; each bin's value is the mean
+  of the standard normal truncated to the bin, (phi(a) - phi(b)) / (Phi(b) - Phi(a)), computed in
+  float32 with the released code's operations, and x is assigned to the nearest value in these
+  normalized units (ties to the lower index), so the indices equal the authors' code exactly. The
+  table is stored mapped back to latent units v -> (v + 3) / 6 * (qmax - qmin) + qmin.
+  `gaussian_table` gives the same table in float64 (the exact integral); docs/quantizer.md measures
+  how often the two would assign a different index.
 - "uniform": the centers of `levels` equal-width bins over [qmin, qmax].
 - "empirical": per channel, `levels` equal-mass bins of a calibration sample (clamped to
   [qmin, qmax]); each bin's value is the mean of the samples in it. Fitted by `calibrate`.
@@ -26,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 SCHEMES = ("gaussian", "uniform", "empirical")
+STD_RANGE = 3.0  # the gaussian table spans [-3, 3] standard deviations
 
 
 @dataclass
@@ -47,7 +52,7 @@ class QuantizerConfig:
 
 
 def gaussian_table(levels: int) -> Tensor:
-    """Truncated-normal bin means in normalized units [-3, 3], float64 [levels] (authors' table)."""
+    """Truncated-normal bin means in normalized units [-3, 3], float64 [levels] (the exact integral)."""
     edges = torch.special.ndtri(torch.linspace(0.0, 1.0, levels + 1, dtype=torch.float64, device="cpu"))
     edges = edges.clamp(-3.0, 3.0)
     a, b = edges[:-1], edges[1:]
@@ -55,14 +60,59 @@ def gaussian_table(levels: int) -> Tensor:
     return (pdf(a) - pdf(b)) / (torch.special.ndtr(b) - torch.special.ndtr(a))
 
 
+def released_gaussian_table(levels: int) -> Tensor:
+    """The authors' table as their code computes it: float32 [levels] in normalized units [-3, 3].
+
+    Edges are Phi^-1 of float32 probabilities rounded to float32 (what scipy returns for them) and
+    clamped; every bin's mean is then evaluated in float32, one bin at a time, with the released
+    expression's operations in its order. Float32 rounding of Phi(b) - Phi(a) moves the values by
+    up to ~1e-6 from `gaussian_table`, which decides the index of inputs close to a bin midpoint.
+    """
+    probs = torch.linspace(0.0, 1.0, levels + 1, dtype=torch.float32, device="cpu")
+    edges = torch.special.ndtri(probs.double()).float().clamp(-STD_RANGE, STD_RANGE)
+    sqrt_2, sqrt_2pi = math.sqrt(2.0), math.sqrt(2.0 * math.pi)
+
+    def pdf(t: Tensor) -> Tensor:
+        return torch.exp(-0.5 * t ** 2) / sqrt_2pi
+
+    def cdf(t: Tensor) -> Tensor:
+        return 0.5 * (1 + torch.erf(t / sqrt_2))
+
+    means = [(pdf(a) - pdf(b)) / (cdf(b) - cdf(a)) for a, b in zip(edges[:-1], edges[1:])]
+    return torch.stack(means)
+
+
+def _normalize(x: Tensor, cfg: QuantizerConfig) -> Tensor:
+    """Latent units -> the gaussian table's units, clamped to [-3, 3] (released operation order)."""
+    return ((x - cfg.qmin) / (cfg.qmax - cfg.qmin) * (2 * STD_RANGE) - STD_RANGE).clamp(-STD_RANGE, STD_RANGE)
+
+
 def _fixed_table(cfg: QuantizerConfig) -> Tensor:
-    """The gaussian or uniform table in latent units, float64 [1, levels]."""
+    """The gaussian or uniform table in latent units [1, levels] (gaussian: float32, as released)."""
     span = cfg.qmax - cfg.qmin
     if cfg.scheme == "gaussian":
-        normalized = gaussian_table(cfg.levels)
-        return ((normalized + 3.0) / 6.0 * span + cfg.qmin)[None]
+        normalized = released_gaussian_table(cfg.levels)
+        return ((normalized + STD_RANGE) / (2 * STD_RANGE) * span + cfg.qmin)[None]
     k = torch.arange(cfg.levels, dtype=torch.float64, device="cpu")
     return (cfg.qmin + (k + 0.5) * span / cfg.levels)[None]
+
+
+def nearest_index(x: Tensor, table: Tensor) -> Tensor:
+    """argmin_k |x - table[k]| (first k on ties) for a sorted 1-D table, without an [..., levels] tensor.
+
+    bucketize on the midpoints finds the nearest value up to the rounding of the midpoints; the
+    distances to that value and its two neighbours, in x's dtype, then decide exactly as a full
+    argmin would: x [...] -> int64 [...].
+    """
+    mid = 0.5 * (table[1:] + table[:-1])
+    idx = torch.bucketize(x.contiguous(), mid)
+    last = table.shape[0] - 1
+    best, best_d = idx, (x - table[idx]).abs()
+    for cand in ((idx - 1).clamp_min(0), (idx + 1).clamp_max(last)):
+        d = (x - table[cand]).abs()
+        better = (d < best_d) | ((d == best_d) & (cand < best))
+        best, best_d = torch.where(better, cand, best), torch.where(better, d, best_d)
+    return best
 
 
 class DimensionwiseQuantizer(nn.Module):
@@ -91,6 +141,10 @@ class DimensionwiseQuantizer(nn.Module):
         # torch.empty follows the default device, so a model built under torch.device("meta")
         # stays all-meta; reset_parameters fills the table once memory exists.
         self.register_buffer("values", torch.empty(rows, levels, dtype=torch.float32), persistent=True)
+        # The gaussian table in its own units decides the indices (see the module docstring). A plain
+        # CPU attribute, not a buffer: it is a function of the config, so meta builds, to_empty() and
+        # loading cannot lose it; quantize moves its 256 bytes to the input's device.
+        self._normalized = released_gaussian_table(levels) if scheme == "gaussian" else None
         self.register_load_state_dict_post_hook(_mark_calibrated)
         self.reset_parameters()
 
@@ -167,6 +221,9 @@ class DimensionwiseQuantizer(nn.Module):
         """
         self._check_ready()
         dtype = torch.promote_types(x.dtype, torch.float32)
+        if self._normalized is not None:
+            table_n = self._normalized.to(x.device, dtype)
+            return nearest_index(_normalize(x.to(dtype), self.config), table_n).to(torch.uint8)
         table = self.values.to(dtype)
         midpoints = 0.5 * (table[:, 1:] + table[:, :-1])  # [rows, levels - 1]
         x = x.to(dtype)

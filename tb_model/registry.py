@@ -1,102 +1,20 @@
-"""Named model sizes (tiny, base, L, H) and the ModelConfig dataclass that holds every architecture field.
+"""Named model sizes (`tiny`, `base`, `L`, `H`): build a model from a name or a config, count its parameters.
 
-A field left at None takes the value of the preset named by `size`; `resolve` fills them all, so the
-resolved config written into a run folder states the full architecture. Sizes of base/L/H follow
-DESIGN §4 (MAR widths/depths/heads; head (width, depth); the head always has 8 attention heads as in
-the authors' release). `tiny` is for CPU tests and the demo.
+The sizes themselves live in `tb_model.config.PRESETS`; this module is the entry point that turns a
+name into a model, and works under `torch.device("meta")` so L and H can be checked without memory.
 """
-
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from .quantizer import QuantizerConfig
-
-if TYPE_CHECKING:
-    from .tokenbridge import TokenBridge
-
-PRESETS: dict[str, dict] = {
-    "tiny": dict(width=64, encoder_depth=2, decoder_depth=2, num_heads=4,
-                 head_width=64, head_depth=2, head_num_heads=4, buffer_size=16),
-    "base": dict(width=768, encoder_depth=12, decoder_depth=12, num_heads=12,
-                 head_width=768, head_depth=4, head_num_heads=8, buffer_size=64),
-    "L": dict(width=1024, encoder_depth=16, decoder_depth=16, num_heads=16,
-              head_width=1024, head_depth=4, head_num_heads=8, buffer_size=64),
-    "H": dict(width=1280, encoder_depth=20, decoder_depth=20, num_heads=16,
-              head_width=1024, head_depth=6, head_num_heads=8, buffer_size=64),
-}
+from .config import PRESETS, ModelConfig, resolve
+from .tokenbridge import TokenBridge
 
 
-@dataclass
-class ModelConfig:
-    """Architecture of a TokenBridge model. None = take the value of the `size` preset.
-
-    channel_order: "auto" (= "official_kl16" for 16 latent channels, else "identity"), "identity",
-    "official_kl16", or an explicit permutation (generation order of the channels).
-    head_type "parallel" is the paper's ablation; channel_group k > 1 predicts k channels per head
-    step as one class out of levels**k.
-    """
-
-    size: str = "tiny"
-    latent_size: int = 16
-    latent_channels: int = 16
-    num_classes: int = 1000
-    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
-    channel_order: str | list[int] = "auto"
-    head_type: Literal["ar", "parallel"] = "ar"
-    channel_group: int = 1
-    width: int | None = None
-    encoder_depth: int | None = None
-    decoder_depth: int | None = None
-    num_heads: int | None = None
-    head_width: int | None = None
-    head_depth: int | None = None
-    head_num_heads: int | None = None
-    buffer_size: int | None = None
-    mlp_ratio: float = 4.0
-    dropout: float = 0.1
-    attn_dropout: float = 0.1
-    label_drop: float = 0.1
-    mask_ratio_min: float = 0.7
-
-
-def resolve(cfg: ModelConfig) -> ModelConfig:
-    """A copy with every None filled from the preset and channel_order 'auto' made concrete; validates."""
-    if cfg.size not in PRESETS:
-        raise ValueError(f"model size {cfg.size!r} is unknown (known: {', '.join(PRESETS)})")
-    filled = {k: v for k, v in PRESETS[cfg.size].items() if getattr(cfg, k) is None}
-    order = cfg.channel_order
-    if order == "auto":
-        order = "official_kl16" if cfg.latent_channels == 16 else "identity"
-    out = dataclasses.replace(cfg, channel_order=order, **filled)
-    for name in ("latent_size", "latent_channels", "num_classes", "channel_group", "width", "encoder_depth",
-                 "decoder_depth", "num_heads", "head_width", "head_depth", "head_num_heads"):
-        if getattr(out, name) < 1:
-            raise ValueError(f"model.{name} must be >= 1, got {getattr(out, name)}")
-    if out.buffer_size < 0:
-        raise ValueError(f"model.buffer_size must be >= 0, got {out.buffer_size}")
-    if out.latent_channels % out.channel_group:
-        raise ValueError(f"model.channel_group {out.channel_group} must divide latent_channels {out.latent_channels}")
-    if out.quantizer.levels ** out.channel_group > 2 ** 20:
-        raise ValueError(f"model.channel_group {out.channel_group} gives {out.quantizer.levels}**"
-                         f"{out.channel_group} classes per head step; too many")
-    for name, width, heads in (("num_heads", out.width, out.num_heads),
-                               ("head_num_heads", out.head_width, out.head_num_heads)):
-        if width % heads:
-            raise ValueError(f"model.{name} {heads} does not divide its width {width}")
-    if not 0.0 < out.mask_ratio_min <= 1.0:
-        raise ValueError(f"model.mask_ratio_min must be in (0, 1], got {out.mask_ratio_min}")
-    return out
-
-
-def create(cfg_or_name: ModelConfig | str, **overrides) -> "TokenBridge":
+def create(cfg_or_name: ModelConfig | str, **overrides) -> TokenBridge:
     """Build a model from a preset name or a config (plus field overrides); works under torch.device('meta')."""
-    from .tokenbridge import TokenBridge
-
     if isinstance(cfg_or_name, str):
         cfg = ModelConfig(size=cfg_or_name, **overrides)
     else:
@@ -114,3 +32,6 @@ def count_params(cfg_or_name: ModelConfig | str, **overrides) -> dict[str, int]:
     mar = sum(p.numel() for p in model.mar.parameters())
     head = sum(p.numel() for p in model.head.parameters())
     return {"mar": mar, "head": head, "total": mar + head}
+
+
+__all__ = ["PRESETS", "ModelConfig", "resolve", "create", "count_params"]

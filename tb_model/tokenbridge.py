@@ -16,17 +16,23 @@ for equivalence tests and speed comparisons.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
+from tb_core.errors import InputError
+
+from .config import ModelConfig, resolve
 from .head import ARHead, ParallelHead
 from .mar import MAR, truncnorm_mean_ratio
 from .ordering import resolve_order
+from .pretrained import read_config, read_state_dict, save_weights, weights_path
 from .quantizer import DimensionwiseQuantizer
-from .registry import ModelConfig, resolve
 
 ORDERS = ("random", "raster", "confidence")
 CFG_SCHEDULES = ("linear", "constant")
@@ -81,6 +87,30 @@ class TokenBridge(nn.Module):
         self.head = head_cls(cfg.width, cfg.head_width, cfg.head_depth, cfg.head_num_heads, channels,
                              cfg.quantizer.levels, cfg.channel_group, cfg.mlp_ratio, cfg.dropout, cfg.attn_dropout)
 
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "TokenBridge":
+        """Load an exported model (`tb-export`): a `.safetensors` file, or a folder with `model.safetensors`.
+
+        The architecture comes from the file (metadata, else the `<stem>.json` sidecar); every tensor
+        must fit it exactly. Needs neither tb_train nor DeepSpeed. Returns the model in eval mode on
+        `device`, float32. A wrong or damaged file is a one-line InputError naming it.
+        """
+        file = weights_path(path)
+        cfg, _ = read_config(file)
+        with torch.device("meta"):  # no init cost: every tensor comes from the file
+            model = cls(cfg)
+        state = read_state_dict(file, device=str(torch.device(device)))
+        try:
+            model.load_state_dict(state, strict=True, assign=True)
+        except RuntimeError as e:
+            detail = " ".join(str(e).split())
+            raise InputError(f"{file}: weights do not fit its model config: {detail[:300]}") from None
+        return model.eval()
+
+    def save_pretrained(self, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+        """Write the weights and config in the format `from_pretrained` reads (see tb_model.pretrained)."""
+        return save_weights(path, self.state_dict(), self.config, metadata)
+
     def init_weights(self) -> None:
         """Re-initialize everything (e.g. after `to_empty()` of a meta-built model)."""
         self.mar.init_weights()
@@ -97,12 +127,11 @@ class TokenBridge(nn.Module):
         c, s = self.config.latent_channels, self.config.latent_size
         if latents.dim() != 4 or tuple(latents.shape[1:]) != (c, s, s):
             raise ValueError(f"latents must be [B, {c}, {s}, {s}] for this model config, got {tuple(latents.shape)}")
-        return latents.flatten(2).transpose(1, 2)
+        return rearrange(latents, "b c h w -> b (h w) c")
 
     def _from_tokens(self, tokens: Tensor) -> Tensor:
-        """[B, L, C] -> [B, C, h, w]."""
-        s = self.config.latent_size
-        return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, s, s)
+        """[B, L, C] -> [B, C, h, w] (positions in raster order)."""
+        return rearrange(tokens, "b (h w) c -> b c h w", h=self.config.latent_size)
 
     @property
     def _dtype(self) -> torch.dtype:

@@ -7,7 +7,7 @@ from a diffusers folder or a `.safetensors` file with its config. Loading is str
 the file must be used and every parameter filled, and nothing is ever downloaded — a wrong file is a
 one-line `InputError` naming the file and the offending keys.
 
-Latent convention (DESIGN.md §4): `encode` returns posterior moments (mean ‖ logvar); a latent is a
+Latent convention (docs/vae.md): `encode` returns posterior moments (mean ‖ logvar); a latent is a
 posterior sample times `scale` (0.2325 for KL-16, no mean shift); `decode` divides by `scale` first.
 """
 from __future__ import annotations

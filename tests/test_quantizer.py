@@ -7,7 +7,9 @@ import pytest
 import torch
 from scipy import integrate, stats
 
-from tb_model.quantizer import DimensionwiseQuantizer, QuantizerConfig, gaussian_table
+from tb_model.quantizer import (
+    DimensionwiseQuantizer, QuantizerConfig, gaussian_table, nearest_index, released_gaussian_table,
+)
 
 SCHEMES = ("gaussian", "uniform", "empirical")
 
@@ -30,21 +32,60 @@ def test_gaussian_table_matches_quadrature(levels):
     np.testing.assert_allclose(gaussian_table(levels).numpy(), expected, rtol=0, atol=1e-10)
 
 
-def test_gaussian_buffer_is_table_in_latent_units():
-    q = DimensionwiseQuantizer(levels=64, qmin=-5.0, qmax=5.0)
-    latent = (gaussian_table(64) + 3.0) / 6.0 * 10.0 - 5.0
-    assert q.values.shape == (1, 64) and q.values.dtype == torch.float32
-    torch.testing.assert_close(q.values[0], latent.float(), rtol=0, atol=1e-6)
+def _released_reference(levels: int) -> torch.Tensor:
+    """The released table, written out independently: scipy's ppf of float32 probabilities, then the
+    truncated mean of every bin in float32 with 0-dim tensors, one bin at a time."""
+    probs = torch.linspace(0, 1, levels + 1, dtype=torch.float32)
+    edges = torch.tensor(stats.norm.ppf(probs.numpy()), dtype=torch.float32).clamp(-3.0, 3.0)
+    out = []
+    for a, b in zip(edges[:-1], edges[1:]):
+        dens = [torch.exp(-0.5 * t**2) / math.sqrt(2 * math.pi) for t in (a, b)]
+        mass = [0.5 * (1 + torch.erf(t / math.sqrt(2))) for t in (a, b)]
+        out.append((dens[0] - dens[1]) / (mass[1] - mass[0]))
+    return torch.tensor(out, dtype=torch.float32)
+
+
+def _released_indices(x: torch.Tensor, table: torch.Tensor, qmin: float, qmax: float) -> torch.Tensor:
+    """The released assignment: normalize in x's dtype, clamp, argmin over the whole table (first on ties)."""
+    x_n = ((x - qmin) / (qmax - qmin) * 6.0 - 3.0).clamp(-3.0, 3.0)
+    return (x_n[..., None] - table).abs().argmin(dim=-1)
+
+
+@pytest.mark.parametrize("levels", [2, 16, 64, 256])
+def test_released_float32_table_and_its_latent_buffer(levels):
+    table = released_gaussian_table(levels)
+    assert table.dtype == torch.float32 and torch.equal(table, _released_reference(levels))
+    exact = gaussian_table(levels)
+    assert (table.double() - exact).abs().max() < 5e-5  # float32 cancellation in Phi(b) - Phi(a) near 1
+    assert not torch.equal(table, exact.float()) or levels == 2  # it IS another table than the integral
+    q = DimensionwiseQuantizer(levels=levels, qmin=-5.0, qmax=5.0)
+    assert q.values.shape == (1, levels) and q.values.dtype == torch.float32
+    assert torch.equal(q.values[0], (table + 3.0) / 6.0 * 10.0 + -5.0)  # the released dequantize values
     assert set(q.state_dict()) == {"values"}
 
 
-def test_gaussian_indices_equal_official_argmin():
+def test_gaussian_indices_equal_released_argmin_also_at_midpoints():
     qmin, qmax = -4.0, 6.0
     q = DimensionwiseQuantizer(levels=64, qmin=qmin, qmax=qmax)
-    x = torch.randn(4, 16, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 3 + 1
-    x_n = ((x - qmin) / (qmax - qmin) * 6 - 3).clamp(-3, 3)
-    official = (x_n[..., None] - gaussian_table(64)).abs().argmin(dim=-1)
-    assert torch.equal(q.quantize(x).long(), official)
+    table = released_gaussian_table(64)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 16, 16, 16, generator=g) * 3 + 1
+    # inputs at (and one float32 step around) every bin midpoint in latent units: where rounding decides
+    mid_n = 0.5 * (table[1:] + table[:-1])
+    mid = ((mid_n.double() + 3) / 6 * (qmax - qmin) + qmin).float()
+    near = torch.cat([mid, torch.nextafter(mid, mid + 1), torch.nextafter(mid, mid - 1)])
+    for inp in (x, near.repeat(50)):
+        official = _released_indices(inp, table, qmin, qmax)
+        assert torch.equal(q.quantize(inp).long(), official)
+    # the float64 integral's table would disagree with the release right there
+    assert not torch.equal(_released_indices(near.double(), gaussian_table(64), qmin, qmax), _released_indices(
+        near, table, qmin, qmax))
+
+
+def test_nearest_index_breaks_ties_to_the_lower_index():
+    table = torch.tensor([0.0, 1.0, 2.0, 4.0])
+    x = torch.tensor([0.5, 1.5, 3.0, -9.0, 9.0, 1.0, 2.9, 3.1])
+    assert nearest_index(x, table).tolist() == [0, 1, 2, 0, 3, 1, 2, 3]
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)

@@ -24,9 +24,10 @@ from typing import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from tb_model.diffloss import MAR_DIFFUSION_SIZES, DiffusionHead
+from tb_model.baselines.diffloss import MAR_DIFFUSION_SIZES, DiffusionHead
 from tb_model.head import ARHead
-from tb_model.registry import ModelConfig, create, resolve
+from tb_model.config import ModelConfig, resolve
+from tb_model.registry import create
 from tb_model.tokenbridge import mask_schedule
 
 TINY_DIFFUSION = (2, 64)  # blocks x width for the tiny size (MAR has no tiny diffusion head)

@@ -16,8 +16,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .head import modulate
-from .mar import LN_EPS
+from ..head import modulate
+from ..mar import LN_EPS
 
 MAR_DIFFUSION_SIZES = {"base": (6, 1024), "L": (8, 1280), "H": (12, 1536)}
 

@@ -266,28 +266,32 @@ def _gather_rows(t: Tensor, counts: list[int]) -> Tensor | None:
     return torch.cat([b[:c] for b, c in zip(bucket, counts)]).cpu() if rank == 0 else None
 
 
-def extract_features(images: ImageSet, extractor: FeatureExtractor, rank: int = 0, world: int = 1,
-                     batch_size: int = 64, desc: str = "features") -> dict[str, Tensor] | None:
-    """Features of every image, each rank computing the contiguous slice [r N / W, (r+1) N / W).
+def images_reader(images: ImageSet) -> Callable[[int, int], Tensor]:
+    """(start, stop) -> uint8 [n, 3, H, W] tensor of an ImageSet."""
+    return lambda a, b: torch.from_numpy(np.array(images.read(a, b))).permute(0, 3, 1, 2)
 
-    Collective when world > 1: returns the full dict (rows in image order) on rank 0, None elsewhere.
+
+def extract_features(read: Callable[[int, int], Tensor], count: int, extractor: FeatureExtractor, rank: int = 0,
+                     world: int = 1, batch_size: int = 64, desc: str = "features") -> dict[str, Tensor] | None:
+    """Features of images 0..count-1 (`read(a, b)` -> uint8 [b - a, 3, H, W]), each rank computing the
+    contiguous slice [r N / W, (r+1) N / W), so rows come out in image order for any world size.
+
+    Collective when world > 1: returns the full dict on rank 0, None elsewhere.
     """
     from tqdm import tqdm
 
-    bounds = [images.count * r // world for r in range(world + 1)]
+    bounds = [count * r // world for r in range(world + 1)]
     start, stop = bounds[rank], bounds[rank + 1]
     parts: dict[str, list[Tensor]] = {}
-    bar = tqdm(total=images.count, desc=desc, unit="img", disable=rank != 0, dynamic_ncols=True)
+    bar = tqdm(total=count, desc=desc, unit="img", disable=rank != 0, dynamic_ncols=True)
     for a in range(start, stop, batch_size):
         b = min(a + batch_size, stop)
-        batch = torch.from_numpy(np.array(images.read(a, b))).permute(0, 3, 1, 2)
-        for k, v in extractor(batch).items():
+        for k, v in extractor(read(a, b)).items():
             parts.setdefault(k, []).append(v.float())
         bar.update((b - a) * world)
     bar.close()
     if not parts:  # an empty slice (more ranks than images): one probe image gives the keys and widths
-        probe = torch.from_numpy(np.array(images.read(0, 1))).permute(0, 3, 1, 2)
-        parts = {k: [v.float()[:0]] for k, v in extractor(probe).items()}
+        parts = {k: [v.float()[:0]] for k, v in extractor(read(0, 1)).items()}
     counts = [bounds[r + 1] - bounds[r] for r in range(world)]
     out = {k: _gather_rows(torch.cat(v), counts) for k, v in sorted(parts.items())}
     return out if rank == 0 else None
@@ -351,7 +355,8 @@ def reference_features(images: ImageSet, extractor: FeatureExtractor, weights_sh
         with np.load(cache) as z:
             print(f"tb-eval: reference statistics from cache {cache}", flush=True)
             return {k: z[k] for k in z.files}
-    feats = extract_features(images, extractor, rank, world, batch_size, desc="reference features")
+    feats = extract_features(images_reader(images), images.count, extractor, rank, world, batch_size,
+                             desc="reference features")
     if rank != 0:
         return None
     stats = _stats_of(feats)
@@ -474,7 +479,8 @@ def evaluate(cfg: EvaluateJobConfig, rank: int = 0, world: int = 1, device: str 
     ref = load_reference(cfg.reference, ref_images, given, extractor, weights_sha or extractor.name, rank, world,
                          cfg.batch_size)
     t1 = time.perf_counter()
-    feats = extract_features(samples, extractor, rank, world, cfg.batch_size, desc="sample features")
+    feats = extract_features(images_reader(samples), samples.count, extractor, rank, world, cfg.batch_size,
+                             desc="sample features")
     t_extract = time.perf_counter() - t1
     if rank != 0:
         return None
@@ -510,6 +516,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config(EvaluateJobConfig, args.config, args.overrides)
+        for key in ("samples", "reference", "inception_weights"):  # before any process group or model
+            if not Path(getattr(cfg, key)).expanduser().exists():
+                raise InputError(f"{key}={getattr(cfg, key)}: not found")
         dist = init_distributed()
         try:
             record = evaluate(cfg, dist.rank, dist.world, dist.device)

@@ -122,3 +122,112 @@ def test_train_two_tasks(slurm_cluster, setup, capsys):
     code = json.loads((run / "submit" / "code.json").read_text())
     assert len(code["commit"]) == 40
     print(f"\nmeasured: submit -> first training step {TIMINGS['submit_to_first_step_s']:.1f} s")
+
+
+def _probe(setup: Setup, name: str, *extra: str) -> tuple[Path, Path, list[str]]:
+    run, record = setup.root / name, setup.root / f"{name}.rec"
+    argv = ["fixtures.slurm", "--config", str(setup.job), "--cluster", CLUSTER, f"run.dir={run}",
+            f"probe.record={record}", *extra]
+    return run, record, argv
+
+
+def _steps(record: Path) -> list[dict]:
+    return read_jsonl(Path(f"{record}.steps0"))
+
+
+def _assert_resumed_exactly(setup: Setup, run: Path, record: Path, held_at: int) -> None:
+    """Every step ran exactly once across the attempts and the losses equal the uninterrupted run's."""
+    ran = [r["step"] for r in _steps(record)]
+    assert ran == list(range(1, 11)), f"steps run (a repeat = a lost step): {ran}"
+    reference = tb_scalars(setup.root / "reference")
+    assert reference, "test_train_two_tasks must run first (it is the reference)"
+    assert tb_scalars(run) == reference
+    # the step in flight when the signal arrived is the last one before the save; none is redone
+    TIMINGS.setdefault("steps_lost", 0)
+    TIMINGS["steps_lost"] += len(ran) - len(set(ran))
+    assert held_at < 10
+
+
+def test_preempt_resumes_with_identical_losses(slurm_cluster, setup, capsys):
+    run, record, argv = _probe(setup, "preempted", "probe.block_after=4")
+    job_id = submit(capsys, *argv)
+    wait_blocked(record, slurm_cluster, job_id)
+    import submitit
+
+    t0 = time.time()
+    submitit.SlurmJob(folder=records.submit_dir(run) / "logs" / job_id, job_id=job_id)._interrupt()
+    slurm_cluster.wait_gone(job_id, 400)
+    assert task_results(run, job_id) == [0, 0]
+    attempts = records.read_attempts(run, job_id)
+    assert [(a["attempt"], a["status"], a["outcome"]) for a in attempts] == \
+        [(0, 75, "requeued"), (1, 0, "finished")]
+    assert "resumed from" in Path(records.task_logs(run, job_id, 2)[0]["out"]).read_text()
+    _assert_resumed_exactly(setup, run, record, 4)
+    print(f"\nmeasured: preempt -> finished (requeue released at once) {time.time() - t0:.1f} s")
+
+
+def test_time_limit_requeues_and_completes(slurm_cluster, setup, capsys):
+    """A 2-minute limit with USR2@50: Slurm signals once `end - now <= 50 + 30 s` at one of its 30-s
+    checks, i.e. 40-70 s after the start, while the job is held after step 3; the second attempt gets a
+    fresh limit and ends."""
+    run, record, argv = _probe(setup, "time_limit", "probe.block_after=3", "cluster.time_min=2",
+                               "cluster.signal_grace_s=50", "cluster.max_requeues=2")
+    job_id = submit(capsys, *argv)
+    wait_blocked(record, slurm_cluster, job_id)
+    slurm_cluster.wait_gone(job_id, 500)
+    assert task_results(run, job_id) == [0, 0]
+    attempts = records.read_attempts(run, job_id)
+    assert [(a["attempt"], a["status"], a["outcome"]) for a in attempts] == \
+        [(0, 75, "requeued"), (1, 0, "finished")]
+    assert "attempt 1" in report(run)
+    _assert_resumed_exactly(setup, run, record, 3)
+
+
+def test_scancel_does_not_requeue(slurm_cluster, setup, capsys):
+    run, record, argv = _probe(setup, "cancelled", "probe.block_after=3")
+    job_id = submit(capsys, *argv)
+    wait_blocked(record, slurm_cluster, job_id)
+    assert slurm_cluster.run("scancel", job_id).returncode == 0
+    slurm_cluster.wait_gone(job_id, 120, release=False)
+    time.sleep(3)
+    assert slurm_cluster.queue(job_id) == "", "a cancelled job came back"
+    attempts = records.read_attempts(run, job_id)
+    assert len(attempts) == 1 and attempts[0]["status"] == 75
+    assert attempts[0]["outcome"].startswith("not requeued: job is ")
+    assert read_latest(run / "checkpoints") == "step_00000003"
+    state = json.loads((run / "checkpoints" / "step_00000003" / "train_state.json").read_text())
+    assert state["step"] == 3 and state["world"] == 2
+    assert "FAILED" in report(run)
+
+
+def test_precompute_two_tasks_equals_one_process(slurm_cluster, tmp_path, capsys, image_dir, tiny_vae_dir):
+    from tb_core.config import load_config
+    from tb_train.precompute import PrecomputeConfig, run as precompute
+
+    args = [f"input={image_dir}", f"vae.path={tiny_vae_dir}", "resolution=16", "batch_size=3",
+            "samples_per_shard=5", "num_workers=0", "progress=false"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    precompute(load_config(PrecomputeConfig, None, args + [f"output={one}"]))
+    job_id = submit(capsys, "precompute", "--cluster", CLUSTER, "--run-dir", str(tmp_path / "submit_run"),
+                    *args, f"output={two}")
+    slurm_cluster.wait_gone(job_id, 300)
+    assert task_results(tmp_path / "submit_run", job_id) == [0, 0]
+    files = sorted(p.relative_to(one).as_posix() for p in one.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(two).as_posix() for p in two.rglob("*") if p.is_file())
+    differ = [f for f in files if (one / f).read_bytes() != (two / f).read_bytes()]
+    assert differ == []
+
+
+@pytest.mark.parametrize("extra, expect", [
+    (["cluster.partition=nope"], "tb-submit: error: sbatch: error: invalid partition specified: nope"),
+    (["cluster.nodes=0"], "tb-submit: error: "),
+    (["cluster.gpus=8"], "tb-submit: error: "),
+    (["cluster.signal_grace_s=600"], "tb-submit: error: "),
+])
+def test_bad_options_one_line(slurm_cluster, setup, capsys, tmp_path, extra, expect):
+    capsys.readouterr()
+    code = submit_main(["train", "--config", str(setup.job), "--cluster", CLUSTER, "--run-dir", str(tmp_path),
+                        *extra])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    assert err.startswith(expect) and err.count("\n") == 1, err

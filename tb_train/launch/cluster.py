@@ -42,7 +42,7 @@ class ClusterConfig:
     constraint: str | None = None
     exclusive: bool = False
     job_name: str | None = None        # None: "tb-<job>"
-    signal_grace_s: int = 120          # --signal=USR2@N: warn N s before the time limit (save + requeue)
+    signal_grace_s: int = 120          # --signal=USR2@N: warn N (to N+30) s before the time limit: save, requeue
     max_requeues: int = 3              # requeues after a time limit or preemption before the job gives up
     sbatch_extra: list[str] = field(default_factory=list)  # more sbatch options, e.g. "--mail-type=END"
     setup: list[str] = field(default_factory=list)         # shell lines run before srun (module load, ...)
@@ -63,9 +63,11 @@ class ClusterConfig:
                              f"gpus_per_node={self.gpus_per_node}")
         if self.mem_gb is not None and self.mem_gb <= 0:
             raise ValueError(f"mem_gb must be > 0, got {self.mem_gb}")
-        if not 0 <= self.signal_grace_s < self.time_min * 60:
-            raise ValueError(f"signal_grace_s={self.signal_grace_s} must be in [0, time_min*60="
-                             f"{self.time_min * 60})")
+        # Slurm sends the warning once `end - now <= grace + 30 s` at one of its 30-s checks; a signal
+        # before the job has installed its handlers kills the task, so leave a minute for start-up.
+        if not 0 <= self.signal_grace_s <= self.time_min * 60 - 60:
+            raise ValueError(f"signal_grace_s={self.signal_grace_s} must be in [0, time_min*60 - 60 = "
+                             f"{self.time_min * 60 - 60}] (Slurm may signal up to 30 s early)")
         if self.max_requeues < 0:
             raise ValueError(f"max_requeues must be >= 0, got {self.max_requeues}")
         if self.executor == "local" and self.nodes != 1:

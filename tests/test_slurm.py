@@ -9,6 +9,7 @@ must equal the reference's exactly, and no step may run twice (steps lost per pr
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -231,3 +232,19 @@ def test_bad_options_one_line(slurm_cluster, setup, capsys, tmp_path, extra, exp
     out, err = capsys.readouterr()
     assert code == 2 and out == ""
     assert err.startswith(expect) and err.count("\n") == 1, err
+
+
+def test_then_chains_with_afterok(slurm_cluster, tmp_path, capsys):
+    run, chained = tmp_path / "chain", tmp_path / "chained.yaml"
+    chained.write_text(f"probe: {{env: {tmp_path / 'second'}}}\n")
+    capsys.readouterr()
+    assert submit_main(["fixtures.slurm", "--cluster", CLUSTER, "--run-dir", str(run),
+                        f"probe.env={tmp_path / 'first'}", "--then", f"fixtures.slurm={chained}"]) == 0
+    first, second = records.read_jobs(run)
+    assert second["dependency"] == f"afterok:{first['job_id']}"
+    assert slurm_cluster.queue(second["job_id"]) == "PENDING Dependency"
+    slurm_cluster.wait_gone(second["job_id"], 180)
+    assert task_results(run, first["job_id"]) == task_results(run, second["job_id"]) == [0, 0]
+    done = {d: max((tmp_path / d / f"rank{r}.json").stat().st_mtime for r in range(2)) for d in ("first", "second")}
+    started = min(os.path.getmtime(p) for p in (tmp_path / "second").glob("rank*.json"))
+    assert started >= done["first"]

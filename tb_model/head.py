@@ -22,7 +22,6 @@ released code's way) consume identical random numbers and pick identical tokens.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .mar import LN_EPS, Attention, Mlp, init_layers

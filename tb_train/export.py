@@ -8,14 +8,13 @@ world size of the run: the raw fp32 master weights come from DeepSpeed's ZeRO fi
 (`get_fp32_state_dict_from_zero_checkpoint`, or the module state of a stage-0 fp32 run), the EMA from the
 per-rank EMA pieces (`tb_train.ema.consolidate`); buffers (the quantizer table) come from the module state.
 
-The output holds every tensor of the bare TokenBridge state dict in fp32, with the resolved ModelConfig
-as JSON in the safetensors metadata key "config" and in a sidecar `<stem>.json`, so
-`load_exported(path)` — or plain `safetensors.torch.load_file` + `tb_model.registry.create` — rebuilds it.
+The output is the format of `tb_model.pretrained`: every tensor of the bare TokenBridge state dict in
+fp32, the resolved ModelConfig as JSON in the safetensors metadata key "config" and in a sidecar
+`<stem>.json`. `tb_model.TokenBridge.from_pretrained(path)` loads it without tb_train or DeepSpeed.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -23,13 +22,16 @@ from pathlib import Path
 import torch
 import yaml
 
-from tb_model.registry import ModelConfig, create, resolve
+from tb_core.config import from_dict
+from tb_core.errors import CheckpointError
+from tb_model.config import ModelConfig, resolve
+from tb_model.registry import create
+from tb_train.activation_ckpt import canonical_name
 from tb_train.checkpoint import read_latest, read_train_state
-from tb_core.config import from_dict, to_dict
-from tb_core.errors import ConfigError
-from tb_core.fileio import atomic_write_text
+from tb_train.cli import run_main
 from tb_train.ema import consolidate
-from tb_train.engine import canonical_name
+
+EMA_PART = "ema"  # name under which the trainer registers the EMA in each rank's checkpoint file
 
 
 def locate(path: str | os.PathLike) -> tuple[Path, str, Path]:
@@ -41,14 +43,14 @@ def locate(path: str | os.PathLike) -> tuple[Path, str, Path]:
         return p, read_latest(p), p.parent
     if (p / "train_state.json").is_file():
         return p.parent, p.name, p.parent.parent
-    raise ConfigError(f"{p}: no checkpoint found (expected a run folder, a checkpoint folder with 'latest', "
-                      f"or a step_* folder)")
+    raise CheckpointError(f"{p}: no checkpoint found (expected a run folder, a checkpoint folder with 'latest', "
+                          f"or a step_* folder)")
 
 
 def model_config_of(run_dir: Path) -> ModelConfig:
     path = run_dir / "config.yaml"
     if not path.is_file():
-        raise ConfigError(f"{path}: not found (the run folder's resolved config names the model)")
+        raise CheckpointError(f"{path}: not found (the run folder's resolved config names the model)")
     return resolve(from_dict(ModelConfig, yaml.safe_load(path.read_text())["model"], source=str(path),
                              prefix="model"))
 
@@ -66,54 +68,43 @@ def raw_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
 
 
 def ema_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
+    """The EMA weights, consolidated from every rank's piece (ZeRO partitions)."""
     files = sorted((ckpt_dir / tag).glob("train_state_rank*.pt"))
     if not files:
-        raise ConfigError(f"{ckpt_dir / tag}: no EMA state (train_state_rank*.pt) in this checkpoint")
-    return consolidate(torch.load(f, map_location="cpu", weights_only=False)["ema"] for f in files)
+        raise CheckpointError(f"{ckpt_dir / tag}: no EMA state (train_state_rank*.pt) in this checkpoint")
+    pieces = []
+    for f in files:
+        state = torch.load(f, map_location="cpu", weights_only=False)
+        if EMA_PART not in state:
+            raise CheckpointError(f"{f}: holds no '{EMA_PART}' part (use --raw to export the raw weights)")
+        pieces.append(state[EMA_PART])
+    return consolidate(pieces)
 
 
 def export(path: str | os.PathLike, out: str | os.PathLike, raw: bool = False, tag: str | None = None) -> Path:
     """Write `out` (.safetensors) and `<stem>.json`; returns the safetensors path."""
-    from safetensors.torch import save_file
-
     ckpt_dir, latest, run_dir = locate(path)
     tag = tag or latest
     if not (ckpt_dir / tag).is_dir():
-        raise ConfigError(f"{ckpt_dir / tag}: no such checkpoint")
+        raise CheckpointError(f"{ckpt_dir / tag}: no such checkpoint")
     cfg = model_config_of(run_dir)
     weights = raw_state_dict(ckpt_dir, tag)
     if not raw:
         ema = ema_state_dict(ckpt_dir, tag)
         unknown = sorted(set(ema) - set(weights))
         if unknown:
-            raise ConfigError(f"{ckpt_dir / tag}: EMA names not in the model: {', '.join(unknown[:3])}")
+            raise CheckpointError(f"{ckpt_dir / tag}: EMA names not in the model: {', '.join(unknown[:3])}")
         weights.update(ema)
     with torch.device("meta"):
         model = create(cfg)
-    model.load_state_dict(weights, strict=True, assign=True)  # validates names and shapes
+    try:
+        model.load_state_dict(weights, strict=True, assign=True)  # validates names and shapes
+    except RuntimeError as e:
+        raise CheckpointError(f"{ckpt_dir / tag}: weights do not fit the run's model config: "
+                              f"{' '.join(str(e).split())[:300]}") from None
     step = read_train_state(ckpt_dir, tag)["step"]
-    config_json = json.dumps(to_dict(cfg))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    tensors = {k: v.contiguous() for k, v in weights.items()}
-    save_file(tensors, str(tmp), metadata={"config": config_json, "weights": "raw" if raw else "ema",
-                                           "step": str(step), "source": str(ckpt_dir / tag)})
-    os.replace(tmp, out)
-    atomic_write_text(out.with_suffix(".json"), json.dumps(to_dict(cfg), indent=1) + "\n")
-    return out
-
-
-def load_exported(path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """A TokenBridge with the weights of an exported file (config from its metadata)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(str(path), framework="pt") as f:
-        config = json.loads(f.metadata()["config"])
-    model = create(from_dict(ModelConfig, config, source=str(path)))
-    model.load_state_dict(load_file(str(path), device=str(device)), strict=True)
-    return model.to(device).eval()
+    return model.save_pretrained(out, metadata={"weights": "raw" if raw else "ema", "step": str(step),
+                                                "source": str(ckpt_dir / tag)})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,13 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA")
     p.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
+
+    def body() -> int:
         out = export(args.path, args.out, raw=args.raw, tag=args.tag)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"tb-export: error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out} and {out.with_suffix('.json')}")
-    return 0
+        print(f"wrote {out} and {out.with_suffix('.json')}")
+        return 0
+
+    return run_main("tb-export", body)
 
 
 if __name__ == "__main__":

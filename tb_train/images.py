@@ -24,13 +24,31 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
 DEMO_PREFIX = "demo:"
 
 
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit (PNG, TIFF) and 32-bit integer grayscale
+WIDE_MAX = 65535
+
+
+def to_rgb8(img: Image.Image) -> Image.Image:
+    """Any PIL image -> 8-bit RGB.
+
+    PIL's own conversion of a 16-bit grayscale image (modes I;16*, and I, which is how such PNGs may
+    open) clips every value above 255, so a normal 16-bit photo comes out ~98% white. These modes are
+    scaled instead: value / 257 rounded (0..65535 -> 0..255, so 65535 stays white), values outside
+    0..65535 clipped. Every other mode goes through PIL's `convert("RGB")`.
+    """
+    if img.mode in WIDE_MODES:
+        wide = np.asarray(img).astype(np.float64)
+        img = Image.fromarray(np.rint(np.clip(wide, 0, WIDE_MAX) / 257.0).astype(np.uint8))
+    return img.convert("RGB")
+
+
 def adm_center_crop(img: Image.Image, size: int) -> np.ndarray:
-    """ADM's center crop: PIL image -> uint8 [size, size, 3].
+    """ADM's center crop: PIL image (any mode, see `to_rgb8`) -> uint8 [size, size, 3].
 
     Halve with a box filter while the short side is at least 2·size (cheap, alias-free), then one
     bicubic resize so the short side is `size`, then crop the center (floor of the excess on top/left).
     """
-    img = img.convert("RGB")
+    img = to_rgb8(img)
     while min(img.size) >= 2 * size:
         img = img.resize((img.width // 2, img.height // 2), resample=Image.BOX)
     ratio = size / min(img.size)
@@ -185,6 +203,6 @@ def collate(items: list[tuple[int, torch.Tensor | None, int, str]]) -> dict:
 
 
 __all__ = [
-    "IMAGE_EXTS", "DEMO_PREFIX", "adm_center_crop", "ImageList", "list_image_folder", "list_tars",
+    "IMAGE_EXTS", "DEMO_PREFIX", "to_rgb8", "adm_center_crop", "ImageList", "list_image_folder", "list_tars",
     "list_images", "ImageDataset", "collate",
 ]

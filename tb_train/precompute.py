@@ -1,6 +1,6 @@
 """`tb-precompute`: turn an image set into latent shards once, on any number of ranks, never redoing work.
 
-    tb-precompute --config configs/jobs/precompute_demo.yaml [key=value ...]
+    tb-precompute --config configs/jobs/precompute_demo.yaml [key=value ...]   (or --config precompute_demo)
     torchrun --nproc_per_node 8 -m tb_train.precompute --config job.yaml input=/data/train output=/data/lat
 
 Order and placement: the sorted input listing gives every image its global index; shard s holds the
@@ -18,13 +18,13 @@ whichever rank finishes last — the files are deterministic, so two assemblers 
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
 import os
 import sys
 import time
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,17 +32,20 @@ from typing import Literal
 
 import numpy as np
 import torch
+from einops import rearrange
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from tb_core.config import load_config, to_dict
+from tb_core.errors import ConfigError, InputError
+from tb_core.fileio import atomic_write_json, atomic_write_text, sha256_file
 from tb_model.ordering import frequency_order
 from tb_model.quantizer import DimensionwiseQuantizer, QuantizerConfig
 from tb_model.vae import LatentVAE, VAEConfig, load_vae
-from tb_core.errors import ConfigError, InputError
 from tb_train import dist
-from tb_core.config import load_config, to_dict
-from tb_core.fileio import atomic_write_text, sha256_file
+from tb_train.cli import job_parser, run_main
 from tb_train.images import ImageDataset, ImageList, collate, list_images
+from tb_train.recipes import config_path
 from tb_train.shards import (
     FORMAT, MANIFEST, REJECTED, STATS, LatentShards, sample_key, shard_name,
     write_shard,
@@ -132,7 +135,7 @@ def _claim_output(out: Path, ident: dict) -> None:
                                       f"run has {_shown(key, ident[key])}; refusing to mix them (use another "
                                       "output folder)")
         return
-    atomic_write_text(path, json.dumps(ident, indent=1) + "\n")
+    atomic_write_json(path, ident)
 
 
 def _shard_is_done(out: Path, shard: int, verify: bool) -> bool:
@@ -235,8 +238,7 @@ def _encode_batch(vae: LatentVAE, images: torch.Tensor, device: torch.device, au
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         m = vae.encode(x)  # [2b, 2C, h, w] float32
-    b = images.shape[0]
-    return torch.stack([m[:b], m[b:]], dim=1).half()
+    return rearrange(m, "(view b) c h w -> b view c h w", view=2).half()
 
 
 def _encode_all(loader: DataLoader, vae: LatentVAE, quantizer: DimensionwiseQuantizer | None, device: torch.device,
@@ -292,7 +294,7 @@ def _write_shard_files(out: Path, acc: _ShardAccumulator, images: ImageList, sto
         "sum": sums[0].tolist(), "sumsq": sums[1].tolist(), "elements": acc.elements,
         "max_label": max(acc.labels, default=-1),
     }
-    atomic_write_text(out / sidecar_name(acc.shard), json.dumps(info) + "\n")
+    atomic_write_json(out / sidecar_name(acc.shard), info, indent=None)
     return info
 
 
@@ -330,8 +332,8 @@ def _assemble(out: Path, ident: dict, images: ImageList, num_shards: int, order_
     stats = {"num_samples": num_samples, "mean": mean.tolist(), "std": std.tolist(), "channel_order": order,
              "description": "posterior mean x scale, both views, all samples; channel_order from the image "
                             f"view of {min(order_samples, num_samples)} evenly spaced samples"}
-    atomic_write_text(out / STATS, json.dumps(stats, indent=1) + "\n")
-    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")  # last: marks the folder done
+    atomic_write_json(out / STATS, stats)
+    atomic_write_json(out / MANIFEST, manifest)  # last: marks the folder done
     return manifest
 
 
@@ -414,21 +416,36 @@ def run(cfg: PrecomputeConfig, rank: int = 0, world: int = 1, local_rank: int = 
     return summary
 
 
+def launcher_ranks(env: Mapping[str, str]) -> tuple[int, int, int]:
+    """(rank, world, local rank) from a launcher's variables, without changing them.
+
+    torchrun and the deepspeed launcher set RANK/WORLD_SIZE/LOCAL_RANK; Slurm tasks have only
+    SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID; a bare process is rank 0 of 1. Precompute needs no
+    process group (ranks split the shards by index), so it reads these and leaves `os.environ` of its
+    caller as it was.
+    """
+    if "RANK" in env:
+        return int(env["RANK"]), int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_RANK", "0"))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", "0"))
+    return 0, 1, 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tb-precompute", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", help="job YAML (PrecomputeConfig)")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. output=/data/lat")
-    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher passes it
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(PrecomputeConfig, args.config, args.overrides)
-        dist.export_env()
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        run(cfg, rank, world, int(os.environ["LOCAL_RANK"]))
-    except (ConfigError, InputError) as e:
-        print(f"tb-precompute: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    parser = job_parser("tb-precompute", __doc__.split("\n")[0], config_required=False)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+
+    def body() -> None:
+        path = config_path(args.config, "jobs") if args.config is not None else None
+        cfg = load_config(PrecomputeConfig, path, args.overrides)
+        rank, world, local_rank = launcher_ranks(os.environ)
+        if args.local_rank is not None:  # the deepspeed launcher's argument, if it gave one
+            local_rank = args.local_rank
+        if not 0 <= rank < world:
+            raise ConfigError(f"launcher variables give rank {rank} of world size {world}")
+        run(cfg, rank, world, local_rank)
+
+    return run_main("tb-precompute", body)
 
 
 if __name__ == "__main__":

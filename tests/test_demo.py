@@ -9,7 +9,7 @@ from pathlib import Path
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tb_train.export import load_exported
+from tb_model.tokenbridge import TokenBridge
 
 
 def run_demo(out: Path, *overrides: str) -> str:
@@ -25,7 +25,7 @@ def test_demo_end_to_end_and_resume(tmp_path):
     out = tmp_path / "demo"
     run_demo(out, "run.max_steps=3")
     assert (out / "latents" / "manifest.json").is_file()
-    model = load_exported(out / "model.safetensors")
+    model = TokenBridge.from_pretrained(out / "model.safetensors")
     assert (model.config.latent_channels, model.config.latent_size, model.config.num_classes) == (4, 8, 10)
     grid = Image.open(out / "samples.png")
     assert grid.size[0] > 8 * 32 and grid.size[1] > 10 * 32  # 8 samples x 10 classes of 32 px

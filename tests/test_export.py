@@ -7,13 +7,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from fixtures.engine import TrainSetup
-from tb_model.registry import ModelConfig, create
 from tb_core.config import from_dict
+from tb_model.config import ModelConfig
+from tb_model.registry import create
+from tb_model.tokenbridge import TokenBridge
 from tb_train.ema import consolidate
-from tb_train.engine import derive_seed
-from tb_train.export import load_exported, main
-from tb_train.train import MODEL_SEED_STREAM
+from tb_train.export import main
+from tb_train.rng import MODEL_SEED_STREAM, derive_seed
 
 
 def _plain_load(path) -> torch.nn.Module:
@@ -46,7 +46,8 @@ def test_export_ema_and_raw(train_setup, tmp_path):
     assert 0 < moved_ema < 0.01 * moved_raw             # decay 0.9999 over 10 steps stays near the init
     assert torch.equal(ema_sd["quantizer.values"], init["quantizer.values"])
 
-    model = load_exported(tmp_path / "ema.safetensors")
+    model = TokenBridge.from_pretrained(tmp_path / "ema.safetensors")
+    assert not model.training and all(torch.equal(model.state_dict()[k], v) for k, v in ema_sd.items())
     latents = model.generate(torch.tensor([0, 1]), num_iter=2, generator=torch.Generator().manual_seed(0))
     assert latents.shape == (2, 4, 4, 4) and torch.isfinite(latents).all()
 
@@ -54,4 +55,4 @@ def test_export_ema_and_raw(train_setup, tmp_path):
 def test_export_errors_are_one_line(tmp_path, capsys):
     assert main([str(tmp_path), "--out", str(tmp_path / "x.safetensors")]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "no checkpoint found" in err
+    assert len(err.splitlines()) == 1 and "no checkpoint found" in err and err.startswith("tb-export: error:")

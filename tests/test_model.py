@@ -1,18 +1,41 @@
-"""TokenBridge model: sizes, training loss, masks, label dropout, generation schedule/orders, CFG, overfit."""
+"""TokenBridge model: sizes, training loss, masks, label dropout, generation schedule/orders, CFG, overfit,
+and the exported weights file (`from_pretrained`)."""
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
+from tb_core.errors import ConfigError, InputError
+from tb_model.config import ModelConfig, resolve
 from tb_model.mar import MAR, truncnorm_mask_ratio, truncnorm_mean_ratio
-from tb_model.registry import ModelConfig, count_params, create, resolve
-from tb_model.tokenbridge import mask_schedule
+from tb_model.registry import count_params, create
+from tb_model.tokenbridge import TokenBridge, mask_schedule
 
+ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(latent_size=4, latent_channels=4, num_classes=10, buffer_size=4)
+LN64 = math.log(64)
+
+
+def _flat_classifiers(model: TokenBridge, favored: int | None = None, margin: float = 30.0) -> TokenBridge:
+    """Every head classifier outputs the same logits whatever z: uniform, or `margin` nats in favour of
+    class `favored`. Then the loss is known in closed form, independently of MAR and the head trunk."""
+    with torch.no_grad():
+        for lin in model.head.classifiers:
+            lin.weight.zero_()
+            lin.bias.zero_()
+            if favored is not None:
+                lin.bias[favored] = margin
+    return model
 
 
 def _perturbed(model: torch.nn.Module, scale: float = 0.05) -> torch.nn.Module:
@@ -41,10 +64,12 @@ def test_resolve_fills_preset_and_order() -> None:
     assert cfg.channel_order == "official_kl16"
     assert resolve(ModelConfig(latent_channels=4)).channel_order == "identity"
     assert resolve(ModelConfig(size="L", width=512)).width == 512
-    with pytest.raises(ValueError, match="model size 'XL' is unknown"):
+    with pytest.raises(ConfigError, match="model size 'XL' is unknown"):
         resolve(ModelConfig(size="XL"))
-    with pytest.raises(ValueError, match="channel_group 3 must divide"):
+    with pytest.raises(ConfigError, match="channel_group 3 must divide"):
         resolve(ModelConfig(channel_group=3))
+    with pytest.raises(ConfigError, match="model.num_heads 3 does not divide its width 64"):
+        resolve(ModelConfig(num_heads=3))
 
 
 def test_forward_rejects_wrong_shape() -> None:
@@ -71,24 +96,65 @@ def test_tiny_trains_loss_falls() -> None:
     losses = []
     for _ in range(10):
         out = model(x, y)
-        assert out["ce_per_channel"].shape == (4,) and math.isfinite(out["loss"].item())
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
         losses.append(out["loss"].item())
-    assert 4.0 < losses[0] < 5.0  # about ln(64) = 4.16 nats at init
+    # at init: ln 64 plus the excess of random (xavier) classifier logits over uniform ones
+    assert LN64 < losses[0] < LN64 + 0.7
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3
 
 
-@pytest.mark.parametrize("head_type,group", [("ar", 2), ("parallel", 1)])
-def test_head_variants_train_and_generate(head_type: str, group: int) -> None:
-    model = create("tiny", head_type=head_type, channel_group=group, **SMALL)
+@pytest.mark.parametrize("head_type,group", [("ar", 1), ("ar", 2), ("parallel", 1)])
+def test_uniform_logits_give_ln_levels_per_channel(head_type: str, group: int) -> None:
+    """Uniform logits: every step's CE is ln(levels**group), so the loss in nats PER CHANNEL is ln 64
+    whatever the grouping (dividing by steps instead of channels would give 2 ln 64 for group 2), and
+    each channel's marginal CE is ln 64 too."""
+    torch.manual_seed(0)
+    model = _flat_classifiers(create("tiny", head_type=head_type, channel_group=group, **SMALL))
     out = model(0.5 * torch.randn(3, 4, 4, 4), torch.randint(0, 10, (3,)))
     out["loss"].backward()
-    assert out["ce_per_channel"].shape == (4,)
-    assert 3.5 < out["loss"].item() < 5.5  # about ln(64) nats per channel at init, also when grouped
+    assert out["loss"].item() == pytest.approx(LN64, abs=1e-5)
+    torch.testing.assert_close(out["ce_per_channel"], torch.full((4,), LN64), rtol=0, atol=1e-5)
     lat = model.generate(torch.tensor([1, 2]), num_iter=3, cfg=2.0, generator=torch.Generator().manual_seed(0))
     assert lat.shape == (2, 4, 4, 4)
+
+
+def _latents_with_indices(model: TokenBridge, idx: torch.Tensor) -> torch.Tensor:
+    """Latents [B, C, h, w] whose quantizer indices are exactly `idx` [B, C, h, w]."""
+    return model.quantizer.dequantize(idx.to(torch.uint8))
+
+
+def test_only_masked_positions_count() -> None:
+    """Classifiers certain of index 7: positions whose tokens are all 7 cost ~0 nats, any other costs
+    ~30. Masking the all-7 positions gives loss ~0; masking half of them and half others gives ~15:
+    the loss is the mean over MASKED positions only, whatever the unmasked ones hold."""
+    model = _flat_classifiers(create("tiny", **SMALL), favored=7).eval()
+    B, L = 2, 16
+    sevens = torch.zeros(B, L, dtype=torch.bool)
+    sevens[:, :8] = True
+    idx = torch.where(sevens[:, None, :], 7, 40).expand(B, 4, L).reshape(B, 4, 4, 4)
+    x, y = _latents_with_indices(model, idx), torch.tensor([1, 2])
+    out = model(x, y, sevens)
+    assert out["loss"].item() < 1e-6 and out["ce_per_channel"].max().item() < 1e-6
+    half = torch.zeros(B, L, dtype=torch.bool)
+    half[:, 4:12] = True  # 4 all-7 positions, 4 others
+    expected = 0.5 * (30.0 + math.log1p(63 * math.exp(-30.0)))  # others: log(e^30 + 63)
+    assert model(x, y, half)["loss"].item() == pytest.approx(expected, abs=1e-4)
+    assert model(x, y, ~sevens)["loss"].item() == pytest.approx(2 * expected, abs=1e-4)
+
+
+def test_ce_per_channel_is_in_generation_order_and_averages_to_the_loss() -> None:
+    """Channel 2 is the only one holding index 7 at every position; with channel_order [1, 3, 0, 2] it is
+    predicted at step 3, so ce_per_channel[3] (not [2]) is ~0; the per-channel CEs average to the loss."""
+    model = _flat_classifiers(create("tiny", channel_order=[1, 3, 0, 2], **SMALL), favored=7).eval()
+    idx = torch.full((2, 4, 4, 4), 50)
+    idx[:, 2] = 7
+    mask = MAR.mask_from_orders(torch.rand(2, 16, generator=torch.Generator().manual_seed(0)).argsort(1), 11)
+    out = model(_latents_with_indices(model, idx), torch.tensor([3, 4]), mask)
+    ce = out["ce_per_channel"]
+    assert ce[3].item() < 1e-6 and (ce[:3] > 29.9).all()
+    assert out["loss"].item() == pytest.approx(ce.mean().item(), rel=1e-6)
 
 
 def test_loss_invariant_to_batch_order() -> None:
@@ -307,12 +373,22 @@ def test_overfit_eight_images_and_regenerate() -> None:
 
 
 def test_bf16_model_takes_fp32_latents() -> None:
-    model = create("tiny", **SMALL).bfloat16()
-    out = model(torch.randn(2, 4, 4, 4), torch.tensor([1, 2]))
+    torch.manual_seed(0)
+    ref = _perturbed(create("tiny", **SMALL)).eval()
+    model = create("tiny", **SMALL).eval()
+    model.load_state_dict(ref.state_dict())
+    model.bfloat16()
+    assert model.quantizer.values.dtype == torch.float32  # the table is never rounded to bf16
+    x, y = torch.randn(2, 4, 4, 4), torch.tensor([1, 2])
+    mask = MAR.mask_from_orders(torch.rand(2, 16).argsort(1), 12)
+    out = model(x, y, mask)
     out["loss"].backward()
-    assert math.isfinite(out["loss"].item())
+    assert out["loss"].dtype == torch.float32  # CE is taken in fp32 on bf16 logits
+    assert out["loss"].item() == pytest.approx(ref(x, y, mask)["loss"].item(), rel=0.02)
     lat = model.generate(torch.tensor([1, 2]), num_iter=3, cfg=2.0, order="confidence")
     assert lat.dtype == torch.float32 and lat.shape == (2, 4, 4, 4)
+    table = model.quantizer.values[0]
+    assert bool(torch.isin(lat, table).all())  # every generated value is a table value
 
 
 def test_meta_build_then_materialize() -> None:
@@ -322,5 +398,89 @@ def test_meta_build_then_materialize() -> None:
     model.init_weights()
     ref = create("tiny", **SMALL)
     torch.testing.assert_close(model.quantizer.values, ref.quantizer.values)
-    out = model(0.5 * torch.randn(2, 4, 4, 4), torch.tensor([0, 1]))
-    assert math.isfinite(out["loss"].item())
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    for blk in model.head.blocks:  # adaLN-Zero: every head block starts as the identity
+        assert not blk.adaLN_modulation[-1].weight.any()
+    mask = MAR.mask_from_orders(torch.rand(2, 16).argsort(1), 12)
+    out = model.eval()(0.5 * torch.randn(2, 4, 4, 4), torch.tensor([0, 1]), mask)
+    assert LN64 - 0.1 < out["loss"].item() < LN64 + 0.7  # initialised like a fresh model, not left as garbage
+
+
+# ----------------------------------------------------------------------------- exported weights file
+def test_save_and_from_pretrained_round_trip(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = _perturbed(create("tiny", head_type="ar", channel_order=[3, 1, 0, 2], **SMALL))
+    path = model.save_pretrained(tmp_path / "model.safetensors", metadata={"weights": "ema", "step": "7"})
+    assert json.loads(path.with_suffix(".json").read_text())["channel_order"] == [3, 1, 0, 2]
+    for where in (path, tmp_path):  # the file, or the folder holding model.safetensors
+        loaded = TokenBridge.from_pretrained(where)
+        assert not loaded.training and loaded.config == model.config
+        assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+    mask = MAR.mask_from_orders(torch.rand(2, 16).argsort(1), 9)
+    x, y = 0.5 * torch.randn(2, 4, 4, 4), torch.tensor([1, 2])
+    assert torch.equal(loaded(x, y, mask)["loss"], model.eval()(x, y, mask)["loss"])
+    g = [torch.Generator().manual_seed(3) for _ in range(2)]
+    assert torch.equal(loaded.generate(y, num_iter=3, generator=g[0]), model.generate(y, num_iter=3, generator=g[1]))
+
+
+def test_from_pretrained_reads_the_sidecar_when_metadata_lacks_the_config(tmp_path) -> None:
+    model = create("tiny", **SMALL)
+    path = model.save_pretrained(tmp_path / "m.safetensors")
+    save_file(load_file(str(path)), str(path))  # same tensors, no metadata: config from m.json
+    assert TokenBridge.from_pretrained(path).config == model.config
+    path.with_suffix(".json").unlink()
+    with pytest.raises(InputError, match="no model config") as e:
+        TokenBridge.from_pretrained(path)
+    assert "\n" not in str(e.value)
+
+
+def test_from_pretrained_errors_name_the_file(tmp_path) -> None:
+    with pytest.raises(InputError, match="exported weights not found"):
+        TokenBridge.from_pretrained(tmp_path / "nope.safetensors")
+    with pytest.raises(InputError, match="model.safetensors"):
+        TokenBridge.from_pretrained(tmp_path)
+    path = create("tiny", **SMALL).save_pretrained(tmp_path / "a.safetensors")
+    bad = tmp_path / "b.safetensors"
+    bad.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    with pytest.raises(InputError, match="b.safetensors"):
+        TokenBridge.from_pretrained(bad)
+    other = create("tiny", latent_size=4, latent_channels=4, num_classes=12, buffer_size=4)
+    cfg = json.loads(path.with_suffix(".json").read_text())
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(tmp_path / "c.safetensors"),
+              metadata={"config": json.dumps(cfg)})  # 12-class weights under a 10-class config
+    with pytest.raises(InputError, match="weights do not fit its model config") as e:
+        TokenBridge.from_pretrained(tmp_path / "c.safetensors")
+    assert "\n" not in str(e.value) and "c.safetensors" in str(e.value)
+
+
+def test_exported_files_follow_the_umask(tmp_path) -> None:
+    old = os.umask(0o027)
+    try:
+        path = create("tiny", **SMALL).save_pretrained(tmp_path / "m.safetensors")
+    finally:
+        os.umask(old)
+    assert (path.stat().st_mode & 0o777, path.with_suffix(".json").stat().st_mode & 0o777) == (0o640, 0o640)
+
+
+_NO_TRAIN = """
+import sys
+class Refuse:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("tb_train", "deepspeed"):
+            raise ImportError("refused: " + name)
+sys.meta_path.insert(0, Refuse())
+import torch
+from tb_model.tokenbridge import TokenBridge
+model = TokenBridge.from_pretrained(sys.argv[1])
+lat = model.generate(torch.tensor([1, 2]), num_iter=2, generator=torch.Generator().manual_seed(0))
+print(tuple(lat.shape))
+"""
+
+
+def test_from_pretrained_needs_neither_tb_train_nor_deepspeed(tmp_path) -> None:
+    path = create("tiny", **SMALL).save_pretrained(tmp_path / "m.safetensors")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-c", _NO_TRAIN, str(path)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == "(2, 4, 4, 4)"

@@ -15,7 +15,7 @@ import torch
 from fixtures.precompute import CORRUPT, make_tars, run_cli, tiny_vae
 from tb_model.quantizer import DimensionwiseQuantizer, QuantizerConfig
 from tb_core.config import load_config
-from tb_train.precompute import PrecomputeConfig, main, run, sidecar_name
+from tb_train.precompute import PrecomputeConfig, launcher_ranks, main, run, sidecar_name
 from tb_core.errors import InputError
 from tb_train.shards import LatentShards, shard_name
 
@@ -35,15 +35,6 @@ def _cfg(*args: str) -> PrecomputeConfig:
 def _all_samples(folder: Path) -> dict[str, tuple[np.ndarray, int]]:
     ds = LatentShards(folder)
     return {ds.key(i): ds.read(i) for i in range(len(ds))}
-
-
-@pytest.fixture(autouse=True)
-def _restore_environ():
-    """main() fills RANK/WORLD_SIZE/MASTER_* like a launcher would; keep that out of other tests."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 @pytest.fixture(scope="module")
@@ -212,3 +203,39 @@ def test_tampered_output_shard_is_named(tmp_path, reference):
         LatentShards(out)
     assert "\n" not in str(e.value)
     assert (out / sidecar_name(2)).is_file()
+
+
+def test_main_leaves_environ_alone_and_files_follow_the_umask(tmp_path, image_dir, tiny_vae_dir):
+    """A library caller's environment is not the job's to change; every file is as readable as the
+    umask allows (JSON used to be 0600 beside 0644 tars). 027 is not the usual 022, so a hard-coded
+    0644 would fail here."""
+    before = dict(os.environ)
+    old_mask = os.umask(0o027)
+    try:
+        assert main(_args(image_dir, tmp_path / "lat", tiny_vae_dir)) == 0
+    finally:
+        os.umask(old_mask)
+    assert dict(os.environ) == before
+    files = sorted(p for p in (tmp_path / "lat").iterdir())
+    assert {p.name for p in files} >= {"manifest.json", "stats.json", "precompute.json", "rejected.txt",
+                                       sidecar_name(0), shard_name(0)}
+    assert {p.name: p.stat().st_mode & 0o777 for p in files} == {p.name: 0o640 for p in files}
+
+
+@pytest.mark.parametrize("env,expect", [
+    ({}, (0, 1, 0)),
+    ({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}, (3, 8, 1)),
+    ({"SLURM_PROCID": "5", "SLURM_NTASKS": "6", "SLURM_LOCALID": "2"}, (5, 6, 2)),
+    ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "SLURM_PROCID": "7", "SLURM_NTASKS": "9"}, (1, 2, 1)),
+])
+def test_launcher_ranks(env, expect):
+    assert launcher_ranks(env) == expect
+
+
+def test_bad_launcher_rank_is_one_line(tmp_path, capsys, monkeypatch, image_dir, tiny_vae_dir):
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(_args(image_dir, tmp_path / "lat", tiny_vae_dir)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "tb-precompute: error: launcher variables give rank 2 of world size 2"
+    assert not (tmp_path / "lat").exists()

@@ -13,7 +13,7 @@ from PIL import Image
 from tb_model.vae import VAEConfig, load_vae
 from tb_core.config import load_config
 from tb_train.demo_data import DEMO_CLASSES, DEMO_VAE, demo_digits, ensure_demo_images
-from tb_train.images import adm_center_crop
+from tb_train.images import ImageDataset, adm_center_crop, list_images, to_rgb8
 from tb_train.precompute import PrecomputeConfig, run
 from tb_train.shards import LatentShards
 
@@ -99,3 +99,23 @@ def test_adm_center_crop_shapes_modes_and_centering():
     # Box pre-halving keeps a constant image exactly constant; a flat colour survives bicubic too.
     flat = adm_center_crop(Image.new("RGB", (517, 300), (10, 200, 30)), 64)
     assert (flat == np.array([10, 200, 30])).all()
+
+
+def test_16_bit_grayscale_is_scaled_not_clipped(tmp_path):
+    """A 16-bit PNG opens as mode I;16 (or I); PIL's own convert clips it to 255 almost everywhere."""
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64)
+    (tmp_path / "gray").mkdir()
+    Image.fromarray(ramp.astype(np.uint16)).save(tmp_path / "gray" / "ramp16.png")
+    with Image.open(tmp_path / "gray" / "ramp16.png") as img:
+        assert img.mode in ("I;16", "I")
+        assert (np.asarray(img.convert("RGB")) == 255).mean() > 0.9  # what the old path gave
+        rgb = np.asarray(to_rgb8(img))
+    want = np.rint(ramp.astype(np.uint16) / 257.0).astype(np.uint8)
+    assert rgb.dtype == np.uint8 and rgb.shape == (64, 64, 3)
+    np.testing.assert_array_equal(rgb, np.repeat(want[..., None], 3, axis=2))
+    # 32-bit integer mode I: the same scale, values outside 0..65535 clipped
+    wide = np.array([[-5, 0, 257, 65535, 70000]], dtype=np.int32)
+    assert np.asarray(to_rgb8(Image.fromarray(wide, mode="I")))[0, :, 0].tolist() == [0, 0, 1, 255, 255]
+    # through the precompute dataset: mean brightness of the crop is the ramp's (~127), not white
+    _, image, _, reason = ImageDataset(list_images(str(tmp_path)), 16)[0]
+    assert reason == "" and abs(image.float().mean().item() - 127.5) < 3

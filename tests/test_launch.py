@@ -13,7 +13,8 @@ import pytest
 
 from tb_train.dist import export_task_env, job_port
 from tb_train.launch import records
-from tb_train.launch.cluster import PACKAGED, load_cluster
+from tb_train.launch.cluster import load_cluster
+from tb_train.recipes import packaged_names
 from tb_train.launch.submit import main as submit_main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -79,10 +80,10 @@ srun --unbuffered --output {logs}/%j_%t_log.out --error {logs}/%j_%t_log.err \
      "--time is set by tb-submit itself"),
     (["train", "--config", str(H_JOB), "--cluster", "gpu_4x8", "cluster.time_min=5",
       "cluster.signal_grace_s=300"], "signal_grace_s=300 must be in [0, time_min*60 - 60 = 240]"),
-    (["train", "--config", str(H_JOB), "--cluster", "nope"], "--cluster nope: neither a file nor a preset"),
+    (["train", "--config", str(H_JOB), "--cluster", "nope"], "cluster config 'nope': no such file"),
     (["train", "--config", str(H_JOB), "--cluster", "local", "cluster.nodes=2"], "nodes must be 1"),
     (["train", "--config", str(H_JOB), "--cluster", "gpu_4x8", "optim.lrr=1"], "unknown key 'optim.lrr'"),
-    (["train", "--config", "missing.yaml", "--cluster", "gpu_4x8"], "--config missing.yaml: file not found"),
+    (["train", "--config", "missing.yaml", "--cluster", "gpu_4x8"], "jobs config 'missing.yaml': no such file"),
     (["frob", "--cluster", "gpu_4x8"], "unknown job 'frob'"),
     (["train", "--config", str(H_JOB)], "the following arguments are required: --cluster"),
     (["train", "--config", str(H_JOB), "--cluster", "gpu_4x8", "--then", "nojob=x.yaml"], "unknown job 'nojob'"),
@@ -104,15 +105,14 @@ def test_then_needs_a_config_per_chained_job(capsys):
     assert code == 2 and f"--then {jobs[0]}: give the job's config as {jobs[0]}=FILE" in err
 
 
-def test_presets_packaged_and_user_copies_identical():
-    user = REPO / "configs" / "cluster"
-    names = sorted(p.name for p in PACKAGED.glob("*.yaml"))
-    assert names == sorted(p.name for p in user.glob("*.yaml")) and {"local.yaml", "gpu_4x8.yaml"} <= set(names)
+def test_presets_load_and_user_copies_identical():
+    names = packaged_names("cluster")
+    assert {"local", "slurm_debug", "gpu_4x8"} <= set(names)
     for name in names:
-        assert (PACKAGED / name).read_bytes() == (user / name).read_bytes(), name
-        cfg = load_cluster(name[:-5])
-        assert cfg.world >= 1
-    assert load_cluster("gpu_4x8").world == 32
+        packaged, user = (root / "configs" / "cluster" / f"{name}.yaml" for root in (REPO / "tb_train", REPO))
+        assert packaged.read_bytes() == user.read_bytes(), name
+        assert load_cluster(name).world >= 1
+    assert [load_cluster(n).world for n in ("local", "slurm_debug", "gpu_4x8")] == [2, 2, 32]
 
 
 def test_task_env_overrides_inherited_rank(monkeypatch):

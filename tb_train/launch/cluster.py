@@ -1,6 +1,6 @@
 """Where and how big a submitted job is: the cluster options of `tb-submit` as a strict config.
 
-A preset file (`configs/cluster/<name>.yaml`, or any path) is read with the same rules as the job
+A preset (a path, or the name of a packaged file `tb_train/configs/cluster/<name>.yaml`) is read with the same rules as the job
 configs (unknown key or wrong type = one-line `ConfigError`), then `cluster.key=value` arguments of
 `tb-submit` override it. `slurm_parameters()` / `local_parameters()` map the result onto submitit's executor options, so
 this dataclass is the only place that knows sbatch's vocabulary.
@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 from tb_core.config import deep_merge, from_dict, parse_overrides, read_yaml
-from tb_core.errors import ConfigError
+from tb_train.recipes import config_path
 
-PACKAGED = Path(__file__).resolve().parent.parent / "configs" / "cluster"
 # sbatch options that tb-submit sets itself; an `sbatch_extra` line may not repeat them.
 _OWNED = {"nodes", "ntasks-per-node", "gpus-per-node", "cpus-per-task", "mem", "time", "partition",
           "account", "qos", "constraint", "exclusive", "job-name", "signal", "output", "error",
@@ -126,21 +124,9 @@ class ClusterConfig:
         return params
 
 
-def preset_path(spec: str) -> Path:
-    """`spec` is a file path if it exists, else the name of a packaged preset (configs/cluster/NAME.yaml)."""
-    path = Path(spec)
-    if path.is_file():
-        return path
-    packaged = PACKAGED / f"{spec}.yaml"
-    if packaged.is_file():
-        return packaged
-    names = ", ".join(sorted(p.stem for p in PACKAGED.glob("*.yaml")))
-    raise ConfigError(f"--cluster {spec}: neither a file nor a preset (presets: {names})")
-
-
 def load_cluster(spec: str, overrides: list[str] = ()) -> ClusterConfig:
     """The preset `spec` with `key=value` overrides (without the `cluster.` prefix) applied, strictly."""
-    path = preset_path(spec)
+    path = config_path(spec, "cluster")
     data = read_yaml(path)
     source = str(path)
     if overrides:
@@ -149,4 +135,4 @@ def load_cluster(spec: str, overrides: list[str] = ()) -> ClusterConfig:
     return from_dict(ClusterConfig, data, source=source, prefix="cluster")
 
 
-__all__ = ["ClusterConfig", "load_cluster", "preset_path", "PACKAGED"]
+__all__ = ["ClusterConfig", "load_cluster"]

@@ -31,6 +31,7 @@ from tb_core.errors import ConfigError
 from tb_train.launch import records
 from tb_train.launch.cluster import ClusterConfig, load_cluster
 from tb_train.launch.task import JobTask
+from tb_train.recipes import config_path
 
 PROG = "tb-submit"
 JOBS = {"precompute": "tb_train.precompute", "train": "tb_train.train", "sample": "tb_train.sample",
@@ -81,10 +82,7 @@ class Plan:
 def _job_argv(config: str | None, overrides: list[str]) -> list[str]:
     if config is None:
         return list(overrides)
-    path = Path(config)
-    if not path.is_file():
-        raise ConfigError(f"--config {config}: file not found")
-    return ["--config", str(path.resolve()), *overrides]
+    return ["--config", str(config_path(config, "jobs").resolve()), *overrides]
 
 
 def validate_job_config(module: str, argv: list[str]) -> None:
@@ -101,7 +99,7 @@ def validate_job_config(module: str, argv: list[str]) -> None:
 
 def default_run_dir(job: str, config: str | None, overrides: list[str]) -> Path:
     """`run.dir` of the job config when it has one (train), else runs/submit/JOB-<UTC time>."""
-    data = read_yaml(config) if config else {}
+    data = read_yaml(config_path(config, "jobs")) if config else {}
     data = deep_merge(data, parse_overrides(overrides))
     run = data.get("run")
     if isinstance(run, dict) and isinstance(run.get("dir"), str):

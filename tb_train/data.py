@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from tb_core.errors import ConfigError
+from tb_core.errors import ConfigError, InputError
 from tb_train.shards import LatentShards
 
 # Separate random streams derived from (seed, epoch): one for the order, one for the views.
@@ -92,6 +92,14 @@ class _RankSchedule(Sampler):
             epoch, consumed = _next_position(epoch, consumed, self.global_batch, self.num_samples)
 
 
+@dataclass
+class _ReadFailure:
+    """What a reader returns instead of raising: an exception raised inside a DataLoader worker reaches
+    the training process as a multi-line traceback wrapped in another message; this one-line message is
+    raised there as an InputError instead."""
+    message: str
+
+
 class _MicroBatchReader(Dataset):
     """Key (epoch, first) -> (moments float32 [b, 2C, h, w], labels int64 [b]) of the samples
     order[first:first+b] of that epoch, each in its view of that epoch. Runs in the DataLoader workers;
@@ -107,14 +115,30 @@ class _MicroBatchReader(Dataset):
             self._epoch = (epoch, epoch_order(self.seed, epoch, n), epoch_views(self.seed, epoch, n))
         return self._epoch[1], self._epoch[2]
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    def _read(self, index: int) -> tuple[np.ndarray, int]:
+        """-> (moments float16 [2, 2C, h, w], label) of sample `index`; a damaged shard (truncated tar,
+        short member, bad npy) becomes an InputError naming the shard."""
+        try:
+            return self.shards.read(index)
+        except InputError:
+            raise
+        except (OSError, EOFError, ValueError, IndexError) as e:
+            shard, _ = self.shards.locate(index)
+            path = self.shards.folder / self.shards.shards[shard]["name"]
+            raise InputError(f"shard {path}: sample {index} unreadable ({type(e).__name__}: {e}); "
+                             f"the file is damaged (data.verify=true checks every shard's sha256)") from None
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, Tensor] | _ReadFailure:
         epoch, first = key
         order, views = self._arrays(epoch)
         moments, labels = [], []
-        for index in order[first:first + self.micro_batch]:
-            both, label = self.shards.read(int(index))          # float16 [2, 2C, h, w]
-            moments.append(both[views[index]])
-            labels.append(label)
+        try:
+            for index in order[first:first + self.micro_batch]:
+                both, label = self._read(int(index))
+                moments.append(both[views[index]])
+                labels.append(label)
+        except InputError as e:
+            return _ReadFailure(" ".join(str(e).split()))
         return (torch.from_numpy(np.stack(moments).astype(np.float32)),
                 torch.tensor(labels, dtype=torch.int64))
 
@@ -156,7 +180,11 @@ class LatentLoader:
             self._start_iter()
         batches = []
         for j in range(self.accum):
-            moments, labels = next(self._iter)
+            item = next(self._iter)
+            if isinstance(item, _ReadFailure):
+                self.close()
+                raise InputError(item.message)
+            moments, labels = item
             batches.append(MicroBatch(moments, labels, self.rank * self.accum + j))
         self.epoch, self.consumed = _next_position(self.epoch, self.consumed, self.global_batch,
                                                    self.num_samples)
@@ -174,6 +202,7 @@ class LatentLoader:
         self._iter = None
 
     def state_dict(self) -> dict:
+        """The data cursor (a stateful part of the checkpoint, the same on every rank)."""
         return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.cfg.seed}
 
     def load_state_dict(self, sd: dict) -> None:

@@ -22,7 +22,7 @@ import torch.distributed as tdist
 import torch.nn as nn
 
 from tb_train.dist import DistInfo
-from tb_train.engine import canonical_name
+from tb_train.activation_ckpt import canonical_name
 
 
 @dataclass
@@ -84,9 +84,14 @@ class ShardedEMA:
                   for s in self.slots if s.ema is not None}
         return {"decay": self.decay, "pieces": pieces}
 
+    def load_state_dict(self, sd: dict) -> None:
+        """Fill this rank's slices from the pieces this rank saved (same world size and ZeRO layout)."""
+        self.load_state_dicts([sd])
+
     @torch.no_grad()
     def load_state_dicts(self, states: Iterable[dict]) -> None:
-        """Fill this rank's slices from the pieces saved by every rank of a run of any world size."""
+        """Fill this rank's slices from the pieces saved by every rank of a run of any world size
+        (checkpoint loading calls this instead of `load_state_dict` when the partitioning changed)."""
         by_name: dict[str, list[dict]] = {}
         for sd in states:
             for name, piece in sd["pieces"].items():

@@ -1,61 +1,39 @@
-"""The DeepSpeed training engine: ZeRO config, AdamW groups, LR schedule, activation checkpointing, step.
+"""The DeepSpeed training engine: the ZeRO config, the engine build, and one optimizer step.
 
 `build_engine` turns an `EngineConfig` + `OptimConfig` into a `TrainEngine`:
 - the ZeRO stage and its tuning come from a JSON file (`configs/deepspeed/zero{0,1,2,3}.json`); batch,
-  precision, clipping and optimizer fields are filled from the job config, so there is one source of truth;
+  precision, clipping and optimizer fields are filled from the job config, so there is one source of truth,
+  and the merged dict is validated against DeepSpeed's own config model before anything is written;
 - the model is built whole, then DeepSpeed partitions it (ZeRO-3 included, see `build_engine`);
-- activation checkpointing is applied from outside the model to each block of
-  `model.checkpoint_block_lists()` by wrapping it in `CheckpointedBlock` (state-dict keys unchanged);
-- AdamW (torch's implementation) with no weight decay on biases, 1-D parameters and embeddings;
-- the LR follows linear warmup then cosine decay by optimizer step (configured in epochs).
+- activation checkpointing (`tb_train.activation_ckpt`) wraps blocks from outside the model;
+- AdamW groups and the LR schedule come from `tb_train.optim`.
 
 `TrainEngine.step` runs one optimizer step over a rank's micro-batches, seeding the model's randomness per
-micro-batch (the Randomness rule of INTERFACES.md) and skipping the update when any loss is not finite.
+micro-batch (`MicroInput.seed`, see `tb_train.rng`) and skipping the update when any loss is not finite.
 """
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 
 from tb_core.config import deep_merge
 from tb_core.errors import ConfigError
-from tb_train.recipes import config_path
+from tb_train.activation_ckpt import apply_activation_checkpointing
 from tb_train.dist import DistInfo, mean_over_ranks
+from tb_train.ema import ShardedEMA
+from tb_train.optim import OptimConfig, param_groups
+from tb_train.recipes import config_path
+from tb_train.rng import derive_seed  # noqa: F401  (old import path of demo.py and tests/test_export.py)
 
 # Fields of the DeepSpeed JSON that the job config owns; a JSON that sets them is rejected, not overridden.
 JOB_OWNED_DS_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                      "gradient_clipping", "optimizer", "scheduler", "bf16", "fp16")
-CKPT_INNER = "ckpt_inner"  # attribute name of the wrapped block; removed from every exported name
-
-
-@dataclass
-class OptimConfig:
-    """AdamW and its schedule. Defaults are the paper's table (DESIGN.md §4)."""
-    lr: float = 8e-4                            # peak learning rate (absolute, for the global batch)
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    weight_decay: float = 0.02
-    no_decay_embeddings: bool = True            # also exempt embedding tables / position embeddings
-    warmup_epochs: float = 200.0                # linear warmup from 0
-    epochs: float = 800.0                       # schedule length: cosine reaches min_lr here
-    schedule: Literal["cosine", "constant"] = "cosine"
-    min_lr: float = 0.0
-    grad_clip: float = 1.0                      # max global grad norm; 0 = off
-
-    def __post_init__(self) -> None:
-        if self.lr <= 0 or self.epochs <= 0 or self.warmup_epochs < 0 or self.grad_clip < 0:
-            raise ValueError("lr and epochs must be > 0, warmup_epochs and grad_clip >= 0")
-        if self.warmup_epochs > self.epochs:
-            raise ValueError(f"warmup_epochs {self.warmup_epochs} exceeds epochs {self.epochs}")
 
 
 @dataclass
@@ -92,104 +70,6 @@ def resolve_grad_accum(cfg: EngineConfig, micro_batch: int, world: int) -> int:
         raise ConfigError(f"engine.grad_accum {cfg.grad_accum} contradicts engine.global_batch "
                           f"{cfg.global_batch} (= {micro_batch} x {world} x {accum})")
     return accum
-
-
-def derive_seed(seed: int, step: int, micro_id: int, stream: int) -> int:
-    """A 63-bit seed from (seed, step, micro_id, stream): independent streams for posterior noise (1) and
-    the model's own randomness (0), identical for any world size / accumulation split."""
-    digest = hashlib.blake2b(f"{seed}/{step}/{micro_id}/{stream}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
-def lr_at(cfg: OptimConfig, step: int, steps_per_epoch: int) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup from 0, then cosine/constant."""
-    warmup = cfg.warmup_epochs * steps_per_epoch
-    total = cfg.epochs * steps_per_epoch
-    if step < warmup:
-        return cfg.lr * step / warmup
-    if cfg.schedule == "constant":
-        return cfg.lr
-    progress = min(1.0, (step - warmup) / max(total - warmup, 1e-12))
-    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-# ----------------------------------------------------------------------------- activation checkpointing
-
-def canonical_name(name: str) -> str:
-    """Parameter/state name with the checkpoint wrappers removed (what the bare model calls it)."""
-    return name.replace(f".{CKPT_INNER}.", ".").replace(f"{CKPT_INNER}.", "")
-
-
-class CheckpointedBlock(nn.Module):
-    """Recomputes `inner` in backward instead of storing its activations.
-
-    The wrapped block is called through its own `__call__` inside `checkpoint(..., use_reentrant=False)`,
-    so module hooks (ZeRO-3's parameter fetch) run again during recompute; the RNG state is replayed so
-    dropout masks match. State-dict keys are those of the unwrapped model (hooks strip/add the prefix).
-    """
-
-    def __init__(self, inner: nn.Module):
-        super().__init__()
-        setattr(self, CKPT_INNER, inner)
-        self.register_state_dict_post_hook(_strip_inner_prefix)
-        self.register_load_state_dict_pre_hook(_add_inner_prefix)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        inner = getattr(self, CKPT_INNER)
-        if not (torch.is_grad_enabled() and self.training):
-            return inner(*args, **kwargs)
-        return checkpoint(inner, *args, use_reentrant=False, **kwargs)
-
-
-def _strip_inner_prefix(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
-    inner = f"{prefix}{CKPT_INNER}."
-    for key in [k for k in state_dict if k.startswith(inner)]:
-        state_dict[prefix + key[len(inner):]] = state_dict.pop(key)
-
-
-def _add_inner_prefix(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
-    inner = f"{prefix}{CKPT_INNER}."
-    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]:
-        state_dict[inner + key[len(prefix):]] = state_dict.pop(key)
-
-
-def apply_activation_checkpointing(model: nn.Module, policy: str, k: int = 2) -> int:
-    """Wrap blocks of every list in `model.checkpoint_block_lists()`; returns how many were wrapped.
-
-    policy: "none" (nothing), "full" (every block), "every_k" (blocks 0, k, 2k, ... of each list).
-    """
-    if policy == "none":
-        return 0
-    wrapped = 0
-    for blocks in model.checkpoint_block_lists():
-        for i in range(len(blocks)):
-            if (policy == "full" or i % k == 0) and not isinstance(blocks[i], CheckpointedBlock):
-                blocks[i] = CheckpointedBlock(blocks[i])
-                wrapped += 1
-    return wrapped
-
-
-# ----------------------------------------------------------------------------- optimizer groups
-
-def _shape(p: nn.Parameter) -> torch.Size:
-    return getattr(p, "ds_shape", p.shape)  # ZeRO-3 parameters are empty shells outside forward
-
-
-def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
-    """Two AdamW groups: decayed weights and the exempt ones (biases, 1-D params, embeddings)."""
-    exempt_ids: set[int] = set()
-    for mod in model.modules():
-        for pname, p in mod.named_parameters(recurse=False):
-            embedding = isinstance(mod, nn.Embedding) or "embed" in pname
-            if len(_shape(p)) <= 1 or pname == "bias" or (cfg.no_decay_embeddings and embedding):
-                exempt_ids.add(id(p))
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if id(p) in exempt_ids else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay, "name": "decay"},
-              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
-    return [g for g in groups if g["params"]]
 
 
 # ----------------------------------------------------------------------------- DeepSpeed config
@@ -232,6 +112,29 @@ def deepspeed_config(cfg: EngineConfig, optim: OptimConfig, micro_batch: int, wo
     return ds
 
 
+def validate_deepspeed_config(ds: dict, source: str) -> None:
+    """Check the merged dict with DeepSpeed's own config parser (its pydantic models), without building
+    an engine, so a bad `engine.ds_overrides` value fails as one line before the run folder is written.
+
+    source: what the dict came from, e.g. "engine.deepspeed=zero2 + engine.ds_overrides".
+    """
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from pydantic import ValidationError
+
+    checked = copy.deepcopy(ds)
+    checked.pop("train_batch_size")  # DeepSpeed derives it from the world size it sees; ours is consistent
+    try:
+        DeepSpeedConfig(checked)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first["loc"]) or "<top>"
+        raise ConfigError(f"{source}: DeepSpeed rejects {e.title}.{where} = {first.get('input')!r}: "
+                          f"{first['msg']}") from None
+    except (AssertionError, ValueError, KeyError, TypeError) as e:
+        msg = " ".join(str(e).split()) or type(e).__name__
+        raise ConfigError(f"{source}: DeepSpeed rejects the config: {msg}") from None
+
+
 # ----------------------------------------------------------------------------- the engine
 
 @dataclass
@@ -256,8 +159,6 @@ class TrainEngine:
     """A DeepSpeed engine with our step (seeding, non-finite skip, LR by step) and the per-partition EMA."""
 
     def __init__(self, engine: Any, cfg: EngineConfig, optim: OptimConfig, dist: DistInfo):
-        from tb_train.ema import ShardedEMA
-
         self.ds = engine
         self.cfg, self.optim, self.dist = cfg, optim, dist
         self.stage = engine.zero_optimization_stage()
@@ -265,8 +166,6 @@ class TrainEngine:
         self.ema = ShardedEMA(engine.module, cfg.ema_decay, dist)
         self._group_hparams = [{k: g[k] for k in ("name", "weight_decay", "betas", "eps") if k in g}
                                for g in engine.optimizer.param_groups]
-        self.nonfinite_in_a_row = 0
-        self.nonfinite_total = 0
 
     @property
     def module(self) -> nn.Module:
@@ -297,7 +196,10 @@ class TrainEngine:
                 p.grad = None
 
     def step(self, micro: list[MicroInput], lr: float) -> StepResult:
-        """Forward/backward every micro-batch of this rank, then one optimizer step (or a skipped one)."""
+        """Forward/backward every micro-batch of this rank, then one optimizer step (or a skipped one).
+
+        A skipped step changes neither the weights nor the EMA; counting skipped steps is the caller's
+        business (`tb_train.state.TrainState`)."""
         assert len(micro) == self.cfg.grad_accum, "one MicroInput per accumulation step"
         self.set_lr(lr)
         self.ds.train()
@@ -325,10 +227,7 @@ class TrainEngine:
         if skipped:
             if getattr(self.ds.optimizer, "overflow", True) is not True:
                 raise RuntimeError("non-finite loss but DeepSpeed applied the update; refusing to continue")
-            self.nonfinite_in_a_row += 1
-            self.nonfinite_total += 1
         else:
-            self.nonfinite_in_a_row = 0
             self.ema.update()
         grad_norm = self.ds.get_global_grad_norm()
         grad_norm = None if grad_norm is None else float(grad_norm)

@@ -1,8 +1,15 @@
 """Training metrics: TensorBoard scalars on two x-axes, throughput, MFU, memory, sample grids.
 
-Every logged value is written twice: by optimizer step (tag as is) and by `epoch_1000x` (tag prefixed
-`by_epoch1000x/`, x = int(1000 * samples seen / samples per epoch)), so that runs with different
-global batches can be compared on the same data axis (MAR's convention).
+Every logged value is written twice: by optimizer step (tag as is, event files in `tensorboard/`) and
+by `epoch_1000x` (tag prefixed `by_epoch1000x/`, x = int(1000 * samples seen / samples per epoch), event
+files in `tensorboard/by_epoch1000x/`), so that runs with different global batches can be compared on the
+same data axis (MAR's convention). The two axes live in separate folders because TensorBoard's purge
+(below) drops every event at or after one x value of a folder, whatever its tag.
+
+The logger is a stateful part of the checkpoint: its state is where its curves end (last step and its
+epoch_1000x). Loading it makes the next event files start with a purge at the following step on each
+axis (SummaryWriter `purge_step`), so the events a killed run wrote after its last checkpoint disappear
+and a resumed run's curves have no duplicate or out-of-order steps.
 
 Definitions (all per logging interval, averaged over its steps):
 - step time: from `step_start()` to `step_end()` (data wait + forward/backward/optimizer); time spent
@@ -127,13 +134,44 @@ class MetricsLogger:
         self.tokens_per_sample = tokens_per_sample
         self.world = world if world is not None else _default_world()
         self.clock = clock
-        self.writer = None
-        if self.active and cfg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+        self._writers: dict[str, object] = {}
+        self._purge: dict[str, int] = {}   # axis -> first step of the events the next writer replaces
+        self._closed = False
         self._t_start = self._t_data = None
         self._last = (0, 0)
         self._reset()
+
+    def _writer(self, axis: str):
+        """The SummaryWriter of one axis ("step" or "epoch"), opened on first use (with the purge step set
+        by `load_state_dict`); None on ranks > 0, with tensorboard off, or after `close`."""
+        if not (self.active and self.cfg.tensorboard) or self._closed:
+            return None
+        if axis not in self._writers:
+            from torch.utils.tensorboard import SummaryWriter
+            log_dir = self.run_dir / "tensorboard"
+            if axis == "epoch":
+                log_dir = log_dir / EPOCH_AXIS.rstrip("/")
+            self._writers[axis] = SummaryWriter(log_dir=str(log_dir), purge_step=self._purge.get(axis))
+        return self._writers[axis]
+
+    @property
+    def writer(self):
+        """TensorBoard SummaryWriter for values by optimizer step (hooks log there too); None off rank 0."""
+        return self._writer("step")
+
+    def epoch_1000x(self, samples: int) -> int:
+        return int(1000 * samples / self.samples_per_epoch)
+
+    def state_dict(self) -> dict:
+        """Where the curves end: the last closed step and its epoch_1000x."""
+        step, samples = self._last
+        return {"step": step, "epoch_1000x": self.epoch_1000x(samples)}
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Continue the curves after `sd`: events past it (written by a run that was killed later) are
+        purged when the next event files open. The partial logging interval is not carried over."""
+        self._purge = {"step": int(sd["step"]) + 1, "epoch": int(sd["epoch_1000x"]) + 1}
+        self._close_writers()
 
     def _reset(self) -> None:
         self._steps, self._time, self._wait = 0, 0.0, 0.0
@@ -186,13 +224,15 @@ class MetricsLogger:
 
     def _emit(self, step: int, samples: int) -> None:
         values = self.interval_values()
-        epoch_1000x = int(1000 * samples / self.samples_per_epoch)
-        if self.writer is not None:
+        epoch_1000x = self.epoch_1000x(samples)
+        by_step, by_epoch = self._writer("step"), self._writer("epoch")
+        if by_step is not None:
             for tag, v in values.items():
-                self.writer.add_scalar(tag, v, step)
-                self.writer.add_scalar(EPOCH_AXIS + tag, v, epoch_1000x)
-            self.writer.add_scalar("progress/epoch_1000x", epoch_1000x, step)
-            self.writer.flush()
+                by_step.add_scalar(tag, v, step)
+                by_epoch.add_scalar(EPOCH_AXIS + tag, v, epoch_1000x)
+            by_step.add_scalar("progress/epoch_1000x", epoch_1000x, step)
+            by_step.flush()
+            by_epoch.flush()
         print(self._console_line(step, epoch_1000x, values), file=sys.stdout, flush=True)
 
     @staticmethod
@@ -217,9 +257,10 @@ class MetricsLogger:
         from torchvision.utils import make_grid, save_image
         images = ((images.detach().float().cpu() + 1) / 2).clamp(0, 1)
         grid = make_grid(images, nrow=math.ceil(math.sqrt(images.shape[0])), padding=2)
-        if self.writer is not None:
-            self.writer.add_image(tag, grid, step)
-            self.writer.flush()
+        writer = self.writer
+        if writer is not None:
+            writer.add_image(tag, grid, step)
+            writer.flush()
         path = self.run_dir / "samples" / f"step_{step:07d}.png"
         atomic_write_with(path, lambda f: save_image(grid, f, format="png"))
 
@@ -228,9 +269,13 @@ class MetricsLogger:
         if self.active and self._steps:
             self._emit(*self._last)
             self._reset()
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+        self._close_writers()
+        self._closed = True
+
+    def _close_writers(self) -> None:
+        for w in self._writers.values():
+            w.close()
+        self._writers = {}
 
 
 __all__ = ["MetricsConfig", "MetricsLogger", "measure_peak_flops", "peak_memory_bytes"]

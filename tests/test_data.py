@@ -147,3 +147,18 @@ def test_bad_input_gives_one_line_errors(folder, tmp_path):
         LatentLoader(DataConfig(path=str(bad)), 0, 1, 1)
     with pytest.raises(ValueError, match="micro_batch"):
         DataConfig(path=folder, micro_batch=0)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_truncated_shard_without_verify_is_one_line_naming_the_shard(tmp_path, workers):
+    """data.verify=false skips the sha256 check; a truncated shard must still surface as one InputError
+    line naming it, also when it is read inside a DataLoader worker process."""
+    bad = write_latent_folder(tmp_path / "bad", 24, samples_per_shard=8)
+    shard = bad / "shard-000001.tar"
+    shard.write_bytes(shard.read_bytes()[:3000])
+    (lo,) = loaders(str(bad), 1, 1, micro=24 // 2, workers=workers)
+    with pytest.raises(InputError, match="shard-000001.tar") as e:
+        for _ in range(4):
+            lo.next_step()
+    assert "\n" not in str(e.value) and "Traceback" not in str(e.value)
+    lo.close()

@@ -16,8 +16,9 @@ import torch
 
 from fixtures.engine import run_worker, tiny_model
 from tb_core.errors import ConfigError
-from tb_train.engine import (CheckpointedBlock, EngineConfig, OptimConfig, apply_activation_checkpointing,
-                             deepspeed_config, lr_at, param_groups)
+from tb_train.activation_ckpt import CheckpointedBlock, apply_activation_checkpointing, canonical_name
+from tb_train.engine import EngineConfig, deepspeed_config, validate_deepspeed_config
+from tb_train.optim import OptimConfig, lr_at, param_groups
 
 STEPS = 5
 
@@ -32,6 +33,8 @@ def matrix(deepspeed_warm, tmp_path_factory):
     return ref["0/none"], dist
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 @pytest.mark.parametrize("policy", ["none", "full"])
 def test_two_ranks_match_one_process(matrix, stage, policy):
@@ -44,6 +47,8 @@ def test_two_ranks_match_one_process(matrix, stage, policy):
         np.testing.assert_allclose(run["grads"][name], g, rtol=0, atol=1e-6, err_msg=name)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_sharded_ema_equals_ema_of_full_weights(matrix, stage):
     ref, runs = matrix
@@ -51,6 +56,8 @@ def test_sharded_ema_equals_ema_of_full_weights(matrix, stage):
     assert runs[f"{stage}/none"]["ema_vs_full"] == 0.0 and runs[f"{stage}/full"]["ema_vs_full"] == 0.0
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_checkpointing_keeps_losses_and_gradients(matrix):
     _, runs = matrix
     for stage in (0, 1, 2, 3):
@@ -61,6 +68,8 @@ def test_checkpointing_keeps_losses_and_gradients(matrix):
             np.testing.assert_allclose(ckpt["grads"][name], plain["grads"][name], rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_ema_moves_with_training(matrix):
     """The EMA must differ from the initial weights (a lost update under ZeRO-3 would leave them)."""
     _, runs = matrix
@@ -77,6 +86,8 @@ def test_wrapper_keeps_state_dict_keys_and_policies():
     assert isinstance(enc[0], CheckpointedBlock) and not isinstance(enc[1], CheckpointedBlock)
     assert apply_activation_checkpointing(model, "full") == 3           # the rest
     assert list(model.state_dict()) == keys
+    wrapped = [n for n, _ in model.named_parameters() if "ckpt_inner" in n]
+    assert wrapped and all(canonical_name(n) in keys for n, _ in model.named_parameters())
     fresh = tiny_model(seed=1)
     model.load_state_dict(fresh.state_dict())                           # strict, bare keys in
     torch.testing.assert_close(enc[0].ckpt_inner.attn.qkv.weight, fresh.mar.encoder_blocks[0].attn.qkv.weight)
@@ -110,3 +121,17 @@ def test_deepspeed_config_fills_job_fields_and_rejects_conflicts(tmp_path):
         deepspeed_config(EngineConfig(deepspeed=str(bad)), OptimConfig(), 8, 1)
     with pytest.raises(ConfigError, match="no such file"):
         deepspeed_config(EngineConfig(deepspeed="zero9"), OptimConfig(), 8, 1)
+
+
+def test_merged_deepspeed_config_is_validated_by_deepspeed():
+    """A value DeepSpeed's own config model rejects fails as one ConfigError line naming the field."""
+    engine = EngineConfig(deepspeed="zero2", precision="fp32", ds_overrides={"zero_optimization": {"stage": 7}})
+    ds = deepspeed_config(engine, OptimConfig(), 8, 1)
+    with pytest.raises(ConfigError, match=r"job.yaml: DeepSpeed rejects DeepSpeedZeroConfig.stage = 7") as e:
+        validate_deepspeed_config(ds, "job.yaml")
+    assert "\n" not in str(e.value)
+    typo = deepspeed_config(EngineConfig(deepspeed="zero2", ds_overrides={"zero_optimization": {"stag": 2}}),
+                            OptimConfig(), 8, 1)
+    with pytest.raises(ConfigError, match="zero_optimization|stag"):
+        validate_deepspeed_config(typo, "job.yaml")
+    validate_deepspeed_config(deepspeed_config(EngineConfig(deepspeed="zero3"), OptimConfig(), 8, 2), "job.yaml")

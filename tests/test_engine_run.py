@@ -1,4 +1,5 @@
-"""The training job end to end: run-folder artifacts, bad input, non-finite steps."""
+"""The training job end to end: run-folder artifacts, bad input (one line, exit 2, nothing written),
+non-finite steps. Every test here starts rank processes or uses the 2-rank reference run."""
 from __future__ import annotations
 
 import shutil
@@ -12,6 +13,8 @@ from fixtures.engine import TrainSetup
 from tb_train.checkpoint import read_latest
 from tb_train.train import EXIT_BAD_INPUT, EXIT_NONFINITE, main
 
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
 
 def test_run_folder_has_config_tensorboard_and_sample_grid(train_setup):
     ref = train_setup.reference
@@ -21,10 +24,12 @@ def test_run_folder_has_config_tensorboard_and_sample_grid(train_setup):
     acc.Reload()
     tags = acc.Tags()
     for tag in ("loss", "lr", "grad_norm", "ce/ch00", "perf/samples_per_s", "perf/mfu", "mem/peak_gib",
-                "perf/data_wait_frac", "by_epoch1000x/loss"):
+                "perf/data_wait_frac", "nonfinite_steps"):
         assert tag in tags["scalars"], tag
     assert [e.step for e in acc.Scalars("loss")] == list(range(1, 11))
-    assert [e.step for e in acc.Scalars("by_epoch1000x/loss")][-1] == 1000    # 10 steps = one epoch
+    by_epoch = EventAccumulator(str(ref / "tensorboard" / "by_epoch1000x"), size_guidance={"scalars": 0})
+    by_epoch.Reload()
+    assert [e.step for e in by_epoch.Scalars("by_epoch1000x/loss")] == list(range(100, 1001, 100))  # 1 epoch
     assert [e.step for e in acc.Images("samples/ema")] == [5, 10]
     assert sorted(p.name for p in (ref / "samples").glob("*.png")) == ["step_0000005.png", "step_0000010.png"]
 
@@ -34,6 +39,33 @@ def test_unknown_config_key_fails_before_start(train_setup, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "unknown key 'engine.zero_stage'" in err
     assert not (train_setup.root / "bad_key").exists()
+
+
+def test_bad_deepspeed_override_fails_before_any_file_is_written(train_setup):
+    setup = train_setup
+    job = setup.start("bad_ds", 1, "engine.ds_overrides.zero_optimization.stage=7")
+    assert job.wait(300) == [EXIT_BAD_INPUT], job.log_text()
+    errors = [line for line in job.logs[0].read_text().splitlines() if line.startswith("tb-train: error:")]
+    assert len(errors) == 1 and "DeepSpeedZeroConfig.stage = 7" in errors[0], job.log_text()
+    assert "Traceback" not in job.logs[0].read_text()
+    assert not (setup.root / "bad_ds").exists()
+
+
+def test_truncated_shard_without_verify_is_one_line(train_setup):
+    """data.verify=false: the damage is found when a DataLoader worker reads the shard, mid-run; the
+    job still ends with one line naming the shard and status 2."""
+    setup = train_setup
+    data = setup.root / "data_truncated"
+    shutil.copytree(setup.data, data)
+    shard = data / "shard-000002.tar"
+    shard.write_bytes(shard.read_bytes()[:5000])
+    job = setup.start("truncated", 1, f"data.path={data}", "data.verify=false", "data.num_workers=1",
+                      "engine.grad_accum=2")
+    assert job.wait(300) == [EXIT_BAD_INPUT], job.log_text()
+    log = job.logs[0].read_text()
+    errors = [line for line in log.splitlines() if line.startswith("tb-train: error:")]
+    assert len(errors) == 1 and "shard-000002.tar" in errors[0], job.log_text()
+    assert "Traceback" not in log
 
 
 @pytest.mark.parametrize("case", ["missing_folder", "bad_sha"])
@@ -73,8 +105,8 @@ def test_nonfinite_steps_skipped_then_run_stops(train_setup):
 
 
 def test_data_model_mismatch_and_calibration_sample(train_setup):
-    from tb_model.registry import ModelConfig
-    from tb_core.config import ConfigError
+    from tb_core.errors import ConfigError
+    from tb_model.config import ModelConfig
     from tb_train.data import DataConfig, LatentLoader
     from tb_train.train import calibration_latents, check_data_matches_model
 

@@ -3,7 +3,8 @@
 Reference: 10 uninterrupted steps at world 2 (ZeRO-3). Every resumed run must reproduce the reference's
 per-step losses for the steps after its resume point: bit-identical at the same world size; at another
 world size (same global batch as micro 4 × accum 2 on one rank) within 1e-6 relative (measured:
-identical), and with exactly the same samples in every step.
+identical), and with exactly the same samples in every step. After the resumes, the run's TensorBoard
+curves hold each step once, in order (events past the checkpoint are purged).
 """
 from __future__ import annotations
 
@@ -16,11 +17,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fixtures.engine import SAMPLES, TrainSetup
 from tb_train.checkpoint import read_latest
 from tb_train.ema import consolidate
 from tb_train.train import EXIT_PREEMPTED
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 
 def _wait_for(paths: list[Path], job, timeout: float = 300) -> None:
@@ -39,6 +43,12 @@ def _losses(setup: TrainSetup, name: str, steps) -> list[float]:
 def _ema(ckpt: Path) -> dict[str, torch.Tensor]:
     files = sorted(ckpt.glob("train_state_rank*.pt"))
     return consolidate(torch.load(f, weights_only=False)["ema"] for f in files)
+
+
+def _events(run_dir: Path, axis: str = "") -> EventAccumulator:
+    acc = EventAccumulator(str(run_dir / "tensorboard" / axis), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    return acc
 
 
 def _seed_run_from(setup: TrainSetup, source_run: str, tag: str, run: str) -> None:
@@ -86,6 +96,14 @@ def test_sigkill_then_sigterm_resume_bit_identical(train_setup):
     assert ref_ema.keys() == got_ema.keys()
     assert all(torch.equal(ref_ema[k], got_ema[k]) for k in ref_ema)
     assert sorted(p.name for p in run_ckpt.glob("step_*")) == ["step_00000008", "step_00000010"]
+    # TensorBoard: the killed run's steps 6-7 and the preempted run's nothing-after-8 were purged; every
+    # step appears once, in order, with the value of the run that the checkpoints continued.
+    by_step = _events(setup.root / "preempted")
+    assert [(e.step, e.value) for e in by_step.Scalars("loss")] == \
+        [(s, pytest.approx(v, rel=1e-6)) for s, v in zip(range(1, 11), ref)]
+    assert [e.step for e in by_step.Images("samples/ema")] == [5, 10]
+    by_epoch = _events(setup.root / "preempted", "by_epoch1000x")
+    assert [e.step for e in by_epoch.Scalars("by_epoch1000x/loss")] == list(range(100, 1001, 100))
 
 
 def test_resume_two_ranks_to_one(train_setup):
@@ -125,4 +143,10 @@ def test_resume_one_rank_to_two(train_setup):
 def test_train_state_records_cursor(train_setup):
     state = json.loads((train_setup.reference / "checkpoints" / "step_00000005" / "train_state.json").read_text())
     assert state["step"] == 5 and state["world"] == 2 and state["zero_stage"] == 3
-    assert state["data"] == {"epoch": 0, "consumed": 40, "seed": 0}
+    assert state["states"]["data"] == {"epoch": 0, "consumed": 40, "seed": 0}
+    assert state["states"]["train"] == {"step": 5, "nonfinite_total": 0, "nonfinite_in_a_row": 0}
+    assert state["states"]["metrics"] == {"step": 5, "epoch_1000x": 500}
+    ranks = [torch.load(train_setup.reference / "checkpoints" / "step_00000005" / f"train_state_rank0000{r}.pt",
+                        weights_only=False) for r in range(2)]
+    assert all(set(sd) == {"ema", "rng"} for sd in ranks)
+    assert set(state["files"]) >= {"train_state_rank00000.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"}

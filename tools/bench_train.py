@@ -91,41 +91,43 @@ def _progress(msg: str) -> None:
     print(f"[{time.perf_counter() - _T0:7.1f} s] {msg}", file=sys.stderr, flush=True)
 
 
-def _overrides(items: list[str]) -> dict:
-    import yaml
+def _model_config(args: argparse.Namespace, items: list[str]):
+    """The bench model: `--size` and `--latent-size` plus KEY=VALUE items, read by the jobs' config loader
+    (tb_core.config: unknown keys and wrong types are one-line errors)."""
+    from tb_core.config import from_dict, parse_overrides
+    from tb_model.config import ModelConfig, resolve
 
-    pairs = [item.split("=", 1) for item in items]
-    if any(len(p) != 2 for p in pairs):
-        raise SystemExit(f"model overrides must be KEY=VALUE, got {items}")
-    return {k: yaml.safe_load(v) for k, v in pairs}
+    data = {"size": args.size, "latent_size": args.latent_size, **parse_overrides(items)}
+    return resolve(from_dict(ModelConfig, data, source="bench_train --model/--zero-model", prefix="model"))
 
 
 def _engine(args: argparse.Namespace, stage: int, dtype: str, policy: str, micro_batch: int,
-            overrides: dict):
+            model_items: list[str]):
     from tb_model.registry import create
     from tb_train.dist import init_distributed
-    from tb_train.engine import EngineConfig, OptimConfig, build_engine
+    from tb_train.engine import EngineConfig, build_engine
+    from tb_train.optim import OptimConfig
 
+    model_cfg = _model_config(args, model_items)
     dist = init_distributed()
     policy_name, k = POLICIES[policy]
     cfg = EngineConfig(deepspeed=f"zero{stage}", precision=dtype, activation_checkpointing=policy_name,
                        checkpoint_k=k)
     rss_before_model = rss_bytes()
-    overrides = {"latent_size": args.latent_size, **overrides}
-    engine = build_engine(lambda: create(args.size, **overrides), cfg, OptimConfig(),
-                          micro_batch, dist)
+    engine = build_engine(lambda: create(model_cfg), cfg, OptimConfig(), micro_batch, dist)
     return dist, engine, rss_before_model
 
 
 def _batch(engine, micro_batch: int, step: int, micro_id: int):
     import torch
-    from tb_train.engine import MicroInput, derive_seed
+    from tb_train.engine import MicroInput
+    from tb_train.rng import MODEL_STREAM, NOISE_STREAM, derive_seed
 
     cfg = engine.module.config
-    g = torch.Generator().manual_seed(derive_seed(0, step, micro_id, 1))
+    g = torch.Generator().manual_seed(derive_seed(0, step, micro_id, NOISE_STREAM))
     latents = torch.randn(micro_batch, cfg.latent_channels, cfg.latent_size, cfg.latent_size, generator=g)
     labels = torch.randint(0, cfg.num_classes, (micro_batch,), generator=g)
-    return MicroInput(latents, labels, derive_seed(0, step, micro_id, 0))
+    return MicroInput(latents, labels, derive_seed(0, step, micro_id, MODEL_STREAM))
 
 
 def ckpt_worker(args: argparse.Namespace) -> dict:
@@ -138,8 +140,7 @@ def ckpt_worker(args: argparse.Namespace) -> dict:
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     gemm = measure_peak_flops(dtype, device="cpu")
     _progress(f"GEMM {gemm / 1e9:.0f} GFLOP/s")
-    dist, engine, _ = _engine(args, args.ckpt_stage, args.dtype, args.policy, args.micro_batch,
-                               _overrides(args.model))
+    dist, engine, _ = _engine(args, args.ckpt_stage, args.dtype, args.policy, args.micro_batch, args.model)
     _progress("engine built")
     b = args.micro_batch
     engine.step([_batch(engine, b, 0, 0)], lr=1e-4)  # warm-up: allocates optimizer state and gradients
@@ -210,7 +211,7 @@ def zero_worker(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(1)
     dist, engine, rss_before_model = _engine(args, args.stage, args.dtype, "none", args.zero_micro_batch,
-                                               _overrides(args.zero_model))
+                                             args.zero_model)
     engine.step([_batch(engine, args.zero_micro_batch, 0, dist.rank)], lr=1e-4)
     counted: set[tuple[int, int]] = set()
 
@@ -336,12 +337,13 @@ def format_zero(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def bench(args: argparse.Namespace) -> int:
     if args.worker:
         result = ckpt_worker(args) if args.worker == "ckpt" else zero_worker(args)
         print(MARK + json.dumps(result), flush=True)
         return 0
+    _model_config(args, args.model)       # bad --model/--zero-model items fail here, before any worker starts
+    _model_config(args, args.zero_model)
     t0 = time.time()
     ckpt = run_ckpt(args) if args.dtypes and args.policies else []
     zero = run_zero(args) if args.zero_stages else []
@@ -360,6 +362,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "ckpt": ckpt, "zero": zero}, indent=1))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tb_train.cli import run_main
+
+    args = parse_args(argv)
+    return run_main("bench_train", lambda: bench(args))
 
 
 if __name__ == "__main__":

@@ -27,14 +27,14 @@ import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal, Protocol, Sequence
+from typing import Callable, Literal, Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from tb_core.config import load_config, to_dict
-from tb_core.errors import ConfigError, InputError
+from tb_core.errors import InputError
 from tb_core.fileio import atomic_write_json, atomic_write_with, sha256_file, sha256_files
 
 PAPER_COUNT = 50_000
@@ -503,30 +503,24 @@ def evaluate(cfg: EvaluateJobConfig, rank: int = 0, world: int = 1, device: str 
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
+    from tb_train.cli import job_parser, run_main
 
+    args = job_parser("tb-eval", "FID / IS / precision-recall / sFID of samples against a reference "
+                      "(docs/evaluation.md).", config_required=False).parse_args(sys.argv[1:] if argv is None else argv)
+    return run_main("tb-eval", lambda: _main(load_config(EvaluateJobConfig, args.config, args.overrides)))
+
+
+def _main(cfg: EvaluateJobConfig) -> int:
     from tb_train.dist import init_distributed, shutdown
 
-    p = argparse.ArgumentParser(prog="tb-eval", description="FID / IS / precision-recall / sFID of samples "
-                                "against a reference (docs/evaluation.md).")
-    p.add_argument("--config", default=None, help="YAML file with the options below")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("overrides", nargs="*", help="key=value: samples=, reference=, inception_weights=, "
-                   "protocol=paper, run_dir=, out=, batch_size=")
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    for key in ("samples", "reference", "inception_weights"):  # before any process group or model
+        if not Path(getattr(cfg, key)).expanduser().exists():
+            raise InputError(f"{key}={getattr(cfg, key)}: not found")
+    dist = init_distributed()
     try:
-        cfg = load_config(EvaluateJobConfig, args.config, args.overrides)
-        for key in ("samples", "reference", "inception_weights"):  # before any process group or model
-            if not Path(getattr(cfg, key)).expanduser().exists():
-                raise InputError(f"{key}={getattr(cfg, key)}: not found")
-        dist = init_distributed()
-        try:
-            record = evaluate(cfg, dist.rank, dist.world, dist.device)
-        finally:
-            shutdown()
-    except (ConfigError, InputError) as e:
-        print(f"tb-eval: error: {e}", file=sys.stderr)
-        return e.exit_code
+        record = evaluate(cfg, dist.rank, dist.world, dist.device)
+    finally:
+        shutdown()
     if record is not None:
         for w in record["warnings"]:
             print(f"tb-eval: WARNING: {w}", file=sys.stderr, flush=True)

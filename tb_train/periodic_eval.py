@@ -10,8 +10,9 @@ classes i % num_classes), the feature extractor protocol, and the metric functio
 over the ranks in contiguous slices (the same image set for any world size), features are gathered to
 rank 0, which computes FID/IS against the reference statistics (an ADM npz with mu/sigma, or real
 images whose statistics are computed once and cached beside them) and logs `eval/fid`, `eval/is`,
-`eval/seconds` and `eval/time_share` (evaluation time / wall time of this process since the hook was
-made) to TensorBoard beside the loss. Off by default (`every_steps: 0`).
+`eval/seconds` (this evaluation, including the one-time setup on the first) and `eval/time_share`
+(evaluation time / wall time of this process since the hook was made: the share of the job's time
+spent evaluating) to TensorBoard beside the loss. Off by default (`every_steps: 0`).
 """
 from __future__ import annotations
 
@@ -89,7 +90,8 @@ class PeriodicEval:
         self.cfg = cfg
         self.vae_cfg = cfg.vae or vae
         self.history: dict[int, dict[str, float]] = {}
-        self.seconds = 0.0
+        self.seconds = 0.0          # evaluation time over all runs (checkpointed)
+        self._seconds_here = 0.0    # ... in this process, for time_share
         self._t0 = time.perf_counter()
         self._extractor = None
         self._weights_id = ""
@@ -113,10 +115,11 @@ class PeriodicEval:
         metrics = self.evaluate(trainer.ema_model(), trainer.dist)
         spent = time.perf_counter() - t
         self.seconds += spent
+        self._seconds_here += spent
         if metrics is None:
             return
         metrics["seconds"] = spent
-        metrics["time_share"] = spent / max(time.perf_counter() - self._t0, 1e-9)
+        metrics["time_share"] = self._seconds_here / max(time.perf_counter() - self._t0, 1e-9)
         self.history[trainer.step] = metrics
         writer = trainer.metrics.writer
         if writer is not None:

@@ -119,27 +119,12 @@ class Sampler:
 
 # -- loading -------------------------------------------------------------------------------------------
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
-    """An exported .safetensors file -> (TokenBridge in eval mode, its metadata)."""
-    from safetensors import safe_open
-
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise InputError(f"{p}: model file not found")
-    try:
-        with safe_open(str(p), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
-        raise InputError(f"{p}: not a safetensors file ({e})") from None
-    if "config" not in meta:
-        raise InputError(f"{p}: no model config in its metadata (export it with tb-export)")
+    """An exported model file -> (TokenBridge in eval mode, the file's metadata: step, weights, ...)."""
+    from tb_model.pretrained import read_config
     from tb_model.tokenbridge import TokenBridge
 
-    if hasattr(TokenBridge, "from_pretrained"):
-        model = TokenBridge.from_pretrained(p, device=device)
-    else:
-        from tb_train.export import load_exported
-        model = load_exported(p, device)
-    return model.eval(), meta
+    _, meta = read_config(path)
+    return TokenBridge.from_pretrained(path, device=device), meta
 
 
 def resolve_model_file(spec: str, out: Path, rank: int) -> Path:
@@ -348,26 +333,21 @@ def run_sample(cfg: SampleJobConfig, rank: int, world: int, device: torch.device
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
+    from tb_train.cli import job_parser, run_main
 
+    args = job_parser("tb-sample", "Generate N samples across ranks (docs/sampling.md).",
+                      config_required=False).parse_args(sys.argv[1:] if argv is None else argv)
+    return run_main("tb-sample", lambda: _main(load_config(SampleJobConfig, args.config, args.overrides)))
+
+
+def _main(cfg: SampleJobConfig) -> int:
     from tb_train.dist import init_distributed, shutdown
 
-    p = argparse.ArgumentParser(prog="tb-sample", description="Generate N samples across ranks (docs/sampling.md).")
-    p.add_argument("--config", default=None, help="YAML file with the options")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("overrides", nargs="*", help="key=value: model=, out=, vae.path=, num_samples=, seed=, "
-                   "sampling.num_iter=, sampling.cfg=, sampling.temperature=, sampling.batch_size=, ...")
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    dist = init_distributed()
     try:
-        cfg = load_config(SampleJobConfig, args.config, args.overrides)
-        dist = init_distributed()
-        try:
-            record = run_sample(cfg, dist.rank, dist.world, dist.device)
-        finally:
-            shutdown()
-    except (ConfigError, InputError) as e:
-        print(f"tb-sample: error: {e}", file=sys.stderr)
-        return e.exit_code
+        record = run_sample(cfg, dist.rank, dist.world, dist.device)
+    finally:
+        shutdown()
     if record is not None:
         rate = record["images_per_s"]
         print(f"tb-sample: {record['num_samples']} samples in {cfg.out} ({record['generated_this_run']} generated "

@@ -29,14 +29,8 @@ def tiny_model(seed: int = 0):
 
 
 def export_file(model, path: Path, step: int = 7) -> Path:
-    """A model file as tb-export writes it (weights + config JSON in the metadata)."""
-    from safetensors.torch import save_file
-
-    from tb_core.config import to_dict
-
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
-              metadata={"config": json.dumps(to_dict(model.config)), "step": str(step), "weights": "ema"})
-    return path
+    """A model file as tb-export writes it (weights + config, step and weight kind in the metadata)."""
+    return model.save_pretrained(path, metadata={"step": str(step), "weights": "ema"})
 
 
 @pytest.fixture(scope="module")

@@ -511,16 +511,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(cfg: EvaluateJobConfig) -> int:
-    from tb_train.dist import init_distributed, shutdown
+    from tb_train.sample import on_ranks
 
     for key in ("samples", "reference", "inception_weights"):  # before any process group or model
         if not Path(getattr(cfg, key)).expanduser().exists():
             raise InputError(f"{key}={getattr(cfg, key)}: not found")
-    dist = init_distributed()
-    try:
-        record = evaluate(cfg, dist.rank, dist.world, dist.device)
-    finally:
-        shutdown()
+    record = on_ranks(evaluate, cfg)
     if record is not None:
         for w in record["warnings"]:
             print(f"tb-eval: WARNING: {w}", file=sys.stderr, flush=True)

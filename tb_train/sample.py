@@ -25,7 +25,7 @@ import zipfile
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ from tb_core.config import load_config, to_dict
 from tb_core.errors import ConfigError, InputError, TBError
 from tb_core.fileio import atomic_write_json, atomic_write_with, sha256_file
 from tb_model.vae import VAEConfig, load_vae
+from tb_train.rng import derive_seed
 
 SEED_STREAM = 2  # derive_seed stream of sampling (0: model randomness, 1: posterior noise in training)
 UINT8_RULE = "uint8 = round_half_even(clamp((x + 1) / 2 * 255, 0, 255)) in float32, x = VAE decode in [-1, 1]"
@@ -66,8 +67,6 @@ class SamplingConfig:
 
 def sample_seed(seed: int, index: int) -> int:
     """The seed of global sample `index` (a function of (seed, index) only)."""
-    from tb_train.engine import derive_seed
-
     return derive_seed(seed, index, 0, SEED_STREAM)
 
 
@@ -340,14 +339,20 @@ def main(argv: list[str] | None = None) -> int:
     return run_main("tb-sample", lambda: _main(load_config(SampleJobConfig, args.config, args.overrides)))
 
 
-def _main(cfg: SampleJobConfig) -> int:
+def on_ranks(job: Callable[..., dict | None], cfg) -> dict | None:
+    """`job(cfg, rank, world, device)` inside this process's place in the process group (torchrun, Slurm,
+    or a single process without a launcher); the group is torn down even when the job raises."""
     from tb_train.dist import init_distributed, shutdown
 
     dist = init_distributed()
     try:
-        record = run_sample(cfg, dist.rank, dist.world, dist.device)
+        return job(cfg, dist.rank, dist.world, dist.device)
     finally:
         shutdown()
+
+
+def _main(cfg: SampleJobConfig) -> int:
+    record = on_ranks(run_sample, cfg)
     if record is not None:
         rate = record["images_per_s"]
         print(f"tb-sample: {record['num_samples']} samples in {cfg.out} ({record['generated_this_run']} generated "

@@ -106,13 +106,10 @@ def nearest_index(x: Tensor, table: Tensor) -> Tensor:
     """
     mid = 0.5 * (table[1:] + table[:-1])
     idx = torch.bucketize(x.contiguous(), mid)
-    last = table.shape[0] - 1
-    best, best_d = idx, (x - table[idx]).abs()
-    for cand in ((idx - 1).clamp_min(0), (idx + 1).clamp_max(last)):
-        d = (x - table[cand]).abs()
-        better = (d < best_d) | ((d == best_d) & (cand < best))
-        best, best_d = torch.where(better, cand, best), torch.where(better, d, best_d)
-    return best
+    lo, hi = (idx - 1).clamp_min(0), (idx + 1).clamp_max(table.shape[0] - 1)
+    d = (x - table[idx]).abs()
+    # distances grow away from the nearest value, so it is idx or a neighbour; `<=` keeps the lower on ties
+    return torch.where((x - table[lo]).abs() <= d, lo, torch.where((x - table[hi]).abs() < d, hi, idx))
 
 
 class DimensionwiseQuantizer(nn.Module):

@@ -1,6 +1,7 @@
 """The config system: strict YAML, dotted overrides, `_base_` chains and the resolved dump."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -100,3 +101,13 @@ def test_resolved_dump_round_trips(tmp_path):
 def test_parse_overrides_types():
     assert parse_overrides(["a.b=1", "a.c=x", "d=true", "e=[1, 2]", "f="]) == {
         "a": {"b": 1, "c": "x"}, "d": True, "e": [1, 2], "f": ""}
+
+
+def test_dump_follows_the_umask(tmp_path):
+    """Written like any file the user creates (0644 under umask 022), not mkstemp's 0600."""
+    old = os.umask(0o022)
+    try:
+        dump_config(load_config(Job, None, ["data=/s"]), tmp_path / "config.yaml")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "config.yaml").stat().st_mode & 0o777 == 0o644

@@ -239,3 +239,13 @@ def test_bad_launcher_rank_is_one_line(tmp_path, capsys, monkeypatch, image_dir,
     err = capsys.readouterr().err.strip()
     assert err == "tb-precompute: error: launcher variables give rank 2 of world size 2"
     assert not (tmp_path / "lat").exists()
+
+
+def test_config_by_packaged_name(tmp_path, capsys):
+    """`--config precompute_demo` is the packaged job (works from any folder and from a plain install):
+    the run gets past the config and stops at the input named by the override."""
+    assert main(["--config", "precompute_demo", f"input={tmp_path / 'none'}", f"output={tmp_path / 'o'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"tb-precompute: error: {tmp_path / 'none'}: input not found (want an ImageFolder tree or webdataset tars)"
+    assert main(["--config", "no_such_job", f"output={tmp_path / 'o'}"]) == 2
+    assert "not a packaged name" in capsys.readouterr().err

@@ -123,6 +123,11 @@ class PreemptionFlag:
             signal.signal(sig, handler)
 
 
+def checkpoint_dir(cfg: TrainJobConfig) -> Path:
+    """checkpoint.dir, default <run.dir>/checkpoints."""
+    return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(cfg.run.dir) / "checkpoints"
+
+
 def check_data_matches_model(loader: LatentLoader, model: ModelConfig, source: str) -> None:
     """The latents on disk must have the model's channel count and grid size (one-line error)."""
     vae = loader.shards.manifest["vae"]
@@ -213,9 +218,8 @@ class Trainer:
         self.hooks: list[Hook] = []
         self.total_steps = cfg.run.max_steps or math.ceil(cfg.optim.epochs * loader.steps_per_epoch)
         self.preempt: PreemptionFlag | None = None
-        ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
         self.checkpoints = CheckpointManager(
-            ckpt_dir, cfg.checkpoint.keep_last, engine,
+            checkpoint_dir(cfg), cfg.checkpoint.keep_last, engine,
             states={"train": self.state, "data": loader, "metrics": metrics},
             rank_states={"ema": engine.ema, "rng": ProcessRNG()})
         self._ema_model: TokenBridge | None = None
@@ -364,8 +368,7 @@ def prepare(cfg: TrainJobConfig, source: str, dist: DistInfo) -> Prepared:
     check_data_matches_model(loader, cfg.model, source)
     plan = None
     if cfg.checkpoint.resume:
-        ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(cfg.run.dir) / "checkpoints"
-        plan = plan_resume(ckpt_dir, dist.world, int(ds["zero_optimization"]["stage"]), cfg.engine.precision,
+        plan = plan_resume(checkpoint_dir(cfg), dist.world, int(ds["zero_optimization"]["stage"]), cfg.engine.precision,
                            warn=None if not dist.is_main else
                            (lambda msg: print(f"{PROG}: warning: {msg}", file=sys.stderr, flush=True)))
     return Prepared(loader, plan)

@@ -2,7 +2,9 @@
 non-finite steps. Every test here starts rank processes or uses the 2-rank reference run."""
 from __future__ import annotations
 
+import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from fixtures.engine import TrainSetup
 from tb_train.checkpoint import read_latest
+from tb_train.ema import consolidate
 from tb_train.train import EXIT_BAD_INPUT, EXIT_NONFINITE, main
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -32,6 +35,17 @@ def test_run_folder_has_config_tensorboard_and_sample_grid(train_setup):
     assert [e.step for e in by_epoch.Scalars("by_epoch1000x/loss")] == list(range(100, 1001, 100))  # 1 epoch
     assert [e.step for e in acc.Images("samples/ema")] == [5, 10]
     assert sorted(p.name for p in (ref / "samples").glob("*.png")) == ["step_0000005.png", "step_0000010.png"]
+
+
+def test_ema_model_is_the_checkpointed_ema_on_every_rank(train_setup):
+    """trainer.ema_model() (collective) gives both ranks the same eval-mode model whose parameters are the
+    EMA saved in the step-10 checkpoint (ZeRO-3 pieces of both ranks, consolidated offline)."""
+    rows = [json.loads(Path(f"{train_setup.record('reference')}.ema{r}").read_text()) for r in range(2)]
+    assert all(r["step"] == 10 and r["training"] is False and r["device"] == "cpu" for r in rows)
+    ckpt = train_setup.reference / "checkpoints" / "step_00000010"
+    ema = consolidate(torch.load(f, weights_only=False)["ema"] for f in sorted(ckpt.glob("train_state_rank*.pt")))
+    expected = sum(float(t.double().sum()) for t in ema.values())
+    assert rows[0]["sum"] == rows[1]["sum"] == pytest.approx(expected, rel=1e-12, abs=0)
 
 
 def test_unknown_config_key_fails_before_start(train_setup, capsys):

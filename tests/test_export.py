@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -24,6 +25,8 @@ def _plain_load(path) -> torch.nn.Module:
     return model
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_export_ema_and_raw(train_setup, tmp_path):
     ref = train_setup.reference
     assert main([str(ref), "--out", str(tmp_path / "ema.safetensors")]) == 0

@@ -82,6 +82,7 @@ def test_flip_view_is_the_flipped_image(reference, tiny_vae_dir):
     assert (moments[0].astype(np.float32) != moments[1].astype(np.float32)).any()
 
 
+@pytest.mark.distributed
 def test_two_processes_make_the_same_shards(tmp_path, reference, image_dir, tiny_vae_dir):
     out = tmp_path / "lat"
     procs = [run_cli(_args(image_dir, out, tiny_vae_dir), env={"RANK": str(r), "WORLD_SIZE": "2",
@@ -113,6 +114,7 @@ sys.exit(p.main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_sigkill_midway_then_rerun_gives_identical_folder(tmp_path, capsys, reference, image_dir, tiny_vae_dir):
     out = tmp_path / "lat"
     args = _args(image_dir, out, tiny_vae_dir)

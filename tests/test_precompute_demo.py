@@ -68,6 +68,7 @@ def test_shipped_demo_vae_reconstructs_digits():
     assert (recon - x).abs().mean().item() < 0.08
 
 
+@pytest.mark.slow
 def test_demo_config_precomputes_all_digits(tmp_path):
     cfg = load_config(PrecomputeConfig, ROOT / "configs/jobs/precompute_demo.yaml",
                       [f"input=demo:{tmp_path / 'images'}", f"output={tmp_path / 'lat'}",

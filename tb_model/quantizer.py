@@ -140,8 +140,10 @@ class DimensionwiseQuantizer(nn.Module):
         self.register_buffer("values", torch.empty(rows, levels, dtype=torch.float32), persistent=True)
         # The gaussian table in its own units decides the indices (see the module docstring). A plain
         # CPU attribute, not a buffer: it is a function of the config, so meta builds, to_empty() and
-        # loading cannot lose it; quantize moves its 256 bytes to the input's device.
+        # loading cannot lose it. quantize keeps one copy on the input's device (a host-to-device copy
+        # per call would make every training step wait for the GPU).
         self._normalized = released_gaussian_table(levels) if scheme == "gaussian" else None
+        self._normalized_here: Tensor | None = self._normalized
         self.register_load_state_dict_post_hook(_mark_calibrated)
         self.reset_parameters()
 
@@ -219,7 +221,9 @@ class DimensionwiseQuantizer(nn.Module):
         self._check_ready()
         dtype = torch.promote_types(x.dtype, torch.float32)
         if self._normalized is not None:
-            table_n = self._normalized.to(x.device, dtype)
+            if self._normalized_here is None or self._normalized_here.device != x.device:
+                self._normalized_here = self._normalized.to(x.device)
+            table_n = self._normalized_here.to(dtype)
             return nearest_index(_normalize(x.to(dtype), self.config), table_n).to(torch.uint8)
         table = self.values.to(dtype)
         midpoints = 0.5 * (table[:, 1:] + table[:, :-1])  # [rows, levels - 1]

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
+from tb_core.config import load_config
 from tb_core.errors import ConfigError, InputError
 from tb_model.config import ModelConfig, resolve
 from tb_model.mar import MAR, truncnorm_mask_ratio, truncnorm_mean_ratio
@@ -484,3 +485,12 @@ def test_from_pretrained_needs_neither_tb_train_nor_deepspeed(tmp_path) -> None:
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip() == "(2, 4, 4, 4)"
+
+
+@pytest.mark.parametrize("name,total", [("tiny", 411_968), ("base", 218_024_704), ("L", 486_889_472),
+                                        ("H", 910_040_576)])
+def test_model_config_files_load_and_count(name: str, total: int) -> None:
+    """configs/model/<size>.yaml are what people copy into jobs: each loads strictly and builds the
+    documented size (tiny: the demo's 8x8x4 latents and 10 classes)."""
+    cfg = load_config(ModelConfig, ROOT / "configs" / "model" / f"{name}.yaml")
+    assert cfg.size == name and count_params(cfg)["total"] == total

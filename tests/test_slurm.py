@@ -99,6 +99,7 @@ def test_rank_environment_from_slurm(slurm_cluster, tmp_path, capsys):
     assert "#SBATCH --partition=debug" in script and "#SBATCH --ntasks-per-node=2" in script
 
 
+@pytest.mark.slow
 def test_train_two_tasks(slurm_cluster, setup, capsys):
     run = setup.root / "slurm_train"
     t0 = time.time()
@@ -139,6 +140,7 @@ def _assert_resumed_exactly(setup: TrainSetup, name: str, run: Path) -> None:
     assert sorted(tb_scalars(run)) == list(range(1, 11))
 
 
+@pytest.mark.slow
 def test_preempt_resumes_with_identical_losses(slurm_cluster, setup, capsys):
     run, record, argv = _probe(setup, "preempted", "probe.block_after=4")
     job_id = submit(capsys, *argv)
@@ -157,6 +159,7 @@ def test_preempt_resumes_with_identical_losses(slurm_cluster, setup, capsys):
     print(f"\nmeasured: preempt -> finished (requeue released at once) {time.time() - t0:.1f} s")
 
 
+@pytest.mark.slow
 def test_time_limit_requeues_and_completes(slurm_cluster, setup, capsys):
     """A 2-minute limit with USR2@30: Slurm signals once `end - now <= 30 + 30 s` at one of its 30-s
     checks, i.e. 60-90 s after the start (start-up to the first step took up to 42 s on the loaded
@@ -174,6 +177,7 @@ def test_time_limit_requeues_and_completes(slurm_cluster, setup, capsys):
     _assert_resumed_exactly(setup, "time_limit", run)
 
 
+@pytest.mark.slow
 def test_scancel_does_not_requeue(slurm_cluster, setup, capsys):
     run, record, argv = _probe(setup, "cancelled", "probe.block_after=3")
     job_id = submit(capsys, *argv)
@@ -191,6 +195,7 @@ def test_scancel_does_not_requeue(slurm_cluster, setup, capsys):
     assert "FAILED" in report(run)
 
 
+@pytest.mark.slow
 def test_precompute_two_tasks_equals_one_process(slurm_cluster, tmp_path, capsys, image_dir, tiny_vae_dir):
     from tb_core.config import load_config
     from tb_train.precompute import PrecomputeConfig, run as precompute
@@ -215,15 +220,16 @@ def test_precompute_two_tasks_equals_one_process(slurm_cluster, tmp_path, capsys
     (["cluster.gpus=8"], "tb-submit: error: "),
     (["cluster.signal_grace_s=600"], "tb-submit: error: "),
 ])
-def test_bad_options_one_line(slurm_cluster, setup, capsys, tmp_path, extra, expect):
+def test_bad_options_one_line(slurm_cluster, capsys, tmp_path, extra, expect):
     capsys.readouterr()
-    code = submit_main(["train", "--config", str(setup.job), "--cluster", CLUSTER, "--run-dir", str(tmp_path),
-                        *extra])
+    job = Path(__file__).resolve().parents[1] / "configs" / "jobs" / "imagenet256_H.yaml"
+    code = submit_main(["train", "--config", str(job), "--cluster", CLUSTER, "--run-dir", str(tmp_path), *extra])
     out, err = capsys.readouterr()
     assert code == 2 and out == ""
     assert err.startswith(expect) and err.count("\n") == 1, err
 
 
+@pytest.mark.slow
 def test_then_chains_with_afterok(slurm_cluster, tmp_path, capsys):
     run, chained = tmp_path / "chain", tmp_path / "chained.yaml"
     chained.write_text(f"probe: {{env: {tmp_path / 'second'}}}\n")

@@ -39,7 +39,7 @@ from tb_core.errors import ConfigError, TBError
 from tb_model.config import ModelConfig, resolve
 from tb_model.registry import create
 from tb_model.tokenbridge import TokenBridge
-from tb_model.vae import VAEConfig, sample_latents
+from tb_model.vae import VAEConfig, load_vae, sample_latents
 from tb_train.activation_ckpt import canonical_name
 from tb_train.checkpoint import CheckpointConfig, CheckpointManager, ResumePlan, plan_resume
 from tb_train.cli import job_parser, run_main
@@ -49,7 +49,10 @@ from tb_train.engine import (EngineConfig, MicroInput, StepResult, TrainEngine, 
                              resolve_grad_accum, validate_deepspeed_config)
 from tb_train.metrics import MetricsConfig, MetricsLogger, measure_peak_flops
 from tb_train.optim import OptimConfig, lr_at
+from tb_train.periodic_eval import EvalConfig, PeriodicEval, check_eval_config
+from tb_train.recipes import config_path
 from tb_train.rng import MODEL_SEED_STREAM, MODEL_STREAM, NOISE_STREAM, ProcessRNG, derive_seed, init_seed
+from tb_train.sample import Sampler, SamplingConfig
 from tb_train.state import TrainState
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_PREEMPTED = 0, 2, 3, 75
@@ -89,6 +92,7 @@ class TrainJobConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     samples: SampleGridConfig = field(default_factory=SampleGridConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -331,11 +335,11 @@ class SampleGrid:
         if not trainer.dist.is_main:
             return
         sc, device = self.cfg, trainer.dist.device
-        labels = torch.arange(sc.num_images, device=device) % trainer.cfg.model.num_classes
-        gen = torch.Generator(device).manual_seed(trainer.cfg.run.seed)
+        settings = SamplingConfig(num_iter=sc.num_iter, cfg=sc.cfg, temperature=sc.temperature,
+                                  batch_size=sc.num_images)
+        labels = [i % trainer.cfg.model.num_classes for i in range(sc.num_images)]
+        latents = Sampler(model, None, settings, device).latents(labels, range(sc.num_images), trainer.cfg.run.seed)
         with torch.no_grad():
-            latents = model.generate(labels, num_iter=sc.num_iter, cfg=sc.cfg, temperature=sc.temperature,
-                                     generator=gen)
             images = self._decode(latents, device)
         trainer.metrics.log_image_grid("samples/ema", images, trainer.step)
 
@@ -343,7 +347,6 @@ class SampleGrid:
         if self.cfg.vae is None:
             return latent_preview(latents)
         if self._vae is None:
-            from tb_model.vae import load_vae  # the VAE (diffusers) is only imported when configured
             self._vae = load_vae(self.cfg.vae, device=device)
         return self._vae.decode(latents)
 
@@ -364,6 +367,7 @@ def prepare(cfg: TrainJobConfig, source: str, dist: DistInfo) -> Prepared:
     validate_deepspeed_config(ds, f"{source}: engine.deepspeed={cfg.engine.deepspeed} + engine.ds_overrides")
     if cfg.samples.vae is not None and not Path(cfg.samples.vae.path).exists():
         raise ConfigError(f"{source}: samples.vae.path: {cfg.samples.vae.path} not found")
+    check_eval_config(cfg.eval, source, cfg.samples.vae)
     loader = LatentLoader(cfg.data, dist.rank, dist.world, cfg.engine.grad_accum)
     check_data_matches_model(loader, cfg.model, source)
     plan = None
@@ -416,7 +420,8 @@ def run(cfg: TrainJobConfig, source: str = "<config>", hooks: Iterable[Hook] = (
                               load_universal=bool(plan and plan.universal))
         metrics = build_metrics(cfg, dist, engine, prep.loader)
         trainer = Trainer(cfg, dist, engine, prep.loader, metrics, batches)
-        for hook in (SampleGrid(cfg.samples, cfg.metrics.image_every), *hooks):
+        evaluation = [PeriodicEval(cfg.eval, cfg.samples.vae)] if cfg.eval.every_steps else []
+        for hook in (SampleGrid(cfg.samples, cfg.metrics.image_every), *evaluation, *hooks):
             trainer.add_hook(hook)
         agreed(dist, lambda: trainer.load(plan))
         return trainer.train(preempt)
@@ -432,7 +437,8 @@ def run(cfg: TrainJobConfig, source: str = "<config>", hooks: Iterable[Hook] = (
 
 def load_job_config(argv: list[str]) -> tuple[TrainJobConfig, str]:
     args = job_parser(PROG, "Train a TokenBridge model with DeepSpeed.").parse_args(argv)
-    return load_config(TrainJobConfig, args.config, args.overrides), args.config
+    path = config_path(args.config, "jobs")
+    return load_config(TrainJobConfig, path, args.overrides), str(path)
 
 
 def main(argv: list[str] | None = None, hooks: Iterable[Hook] = (), batches: BatchSource | None = None) -> int:

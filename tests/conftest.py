@@ -21,4 +21,4 @@ import torch  # noqa: E402  (after the environment above)
 
 torch.set_num_threads(1)
 
-pytest_plugins = ["fixtures.data", "fixtures.engine", "fixtures.precompute"]
+pytest_plugins = ["fixtures.data", "fixtures.engine", "fixtures.precompute", "fixtures.inception", "fixtures.slurm"]

@@ -19,7 +19,6 @@ from tb_train.evaluate import (EvaluateJobConfig, feature_stats, frechet_distanc
                                precision_recall)
 
 REPO = Path(__file__).resolve().parents[1]
-pytest_plugins = ["fixtures.inception"]
 
 
 def smooth_images(n: int, size: int = 16, seed: int = 0) -> np.ndarray:
@@ -111,6 +110,7 @@ def _eval(samples: Path, reference: Path, weights: Path, **kw) -> dict:
     return evaluate.evaluate(cfg)
 
 
+@pytest.mark.slow
 def test_tb_eval_equals_torch_fidelity_on_the_same_images(image_sets, inception_weights, tmp_path) -> None:
     import torch_fidelity
 
@@ -164,6 +164,7 @@ def test_adm_reference_statistics_and_sfid(image_sets, inception_weights, tmp_pa
     assert out["precision"] < 1.0  # against arr_0 = set a, not the statistics' set b
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_two_rank_tb_eval_equals_one_rank(image_sets, inception_weights, tmp_path) -> None:
     """The CLI on 2 gloo ranks (each extracts its slice) writes the numbers of one process."""

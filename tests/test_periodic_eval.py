@@ -49,6 +49,7 @@ def eval_scalars(run: Path) -> dict[int, float]:
     return {e.step: e.value for e in acc.Scalars("eval/fid")}
 
 
+@pytest.mark.slow
 def test_tb_train_eval_section_logs_fid_at_its_steps_and_resumes(deepspeed_warm, tiny_vae_dir, tmp_path) -> None:
     data = write_latent_folder(tmp_path / "data", num_samples=32, per_shard=16)
     job = tmp_path / "job.yaml"

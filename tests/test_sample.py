@@ -88,6 +88,7 @@ def _two_rank_sample(cfg: SampleJobConfig, log: Path) -> str:
     return outs[0]
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_tb_sample_same_images_for_any_world_batch_and_after_a_crash(model_file, tiny_vae_dir, tmp_path,
                                                                       monkeypatch) -> None:

@@ -120,7 +120,7 @@ def start_attempt(run_dir: str | os.PathLike, job: str, job_id: str, attempt: in
     return atomic_write_json(attempt_path(run_dir, job_id, attempt), record)
 
 
-def end_attempt(path: Path, status: int, outcome: str) -> None:
+def end_attempt(path: Path, status: int | None, outcome: str) -> None:
     """Rank 0, after the job's main returned: its exit status and what the launcher did about it."""
     record = json.loads(path.read_text())
     record.update(ended=now(), status=status, outcome=outcome)

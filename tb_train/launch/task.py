@@ -82,7 +82,12 @@ class JobTask(submitit.helpers.Checkpointable):
             done = len(records.read_attempts(self.run_dir, env.job_id))
             attempt = int(os.environ.get("SLURM_RESTART_COUNT", done))
             record = records.start_attempt(self.run_dir, self.job, env.job_id, attempt, world)
-        status = int(importlib.import_module(self.module).main(list(self.argv)) or 0)
+        try:
+            status = int(importlib.import_module(self.module).main(list(self.argv)) or 0)
+        except BaseException as e:  # noqa: B902 - record, then let submitit see it as before
+            if record is not None:  # SystemExit here: submitit's own handler requeued before any save
+                records.end_attempt(record, None, f"ended by {type(e).__name__}: {str(e)[:200]}")
+            raise
         if status == EXIT_PREEMPTED:
             self._requeue(rank, env.job_id, requeue_handler, record)
         if record is not None:

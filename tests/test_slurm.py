@@ -24,7 +24,6 @@ from tb_train.launch import records
 from tb_train.launch.status import report
 from tb_train.launch.submit import main as submit_main
 
-pytest_plugins = ["fixtures.slurm"]
 pytestmark = [pytest.mark.slurm, pytest.mark.distributed]
 
 CLUSTER = "slurm_debug"

@@ -39,7 +39,7 @@ from tb_core.fileio import atomic_write_json
 from tb_model.registry import ModelConfig, create
 from tb_model.tokenbridge import TokenBridge
 from tb_model.vae import LatentVAE, VAEConfig, load_vae
-from tb_train import export, precompute, report, train
+from tb_train import export, precompute, report
 from tb_train.cli import run_main
 from tb_train.ablations import nchw_uint8
 from tb_train.demo_data import DEMO_VAE, ensure_demo_images
@@ -51,8 +51,11 @@ from tb_train.sample import Sampler, SamplingConfig, load_model
 from tb_train.train import TrainJobConfig
 
 SMOKE_OVERRIDES = ["run.max_steps=12", "checkpoint.every_steps=6", "metrics.log_every=2", "metrics.image_every=6",
-                   "samples.num_images=10"]
-EVAL_SPLITS = ("test", "heldout")   # the report's split first; heldout is the one recipes are tuned on
+                   "samples.num_images=10", "eval.every_steps=3", "eval.num_samples=20"]
+ABLATION_EPOCHS = 10                # per arm and seed: 5 trained arms x 2 seeds fit the 45-minute budget
+EVAL_SPLITS = ("test", "heldout")
+# set by a launcher (or by a job run in this process); a child tb-train must choose its own
+DIST_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")   # the report's split first; heldout is the one recipes are tuned on
 
 
 @dataclass
@@ -102,26 +105,40 @@ def run_precompute(out: Path) -> Path:
     return out / "latents"
 
 
-def train_args(out: Path, overrides: list[str]) -> list[str]:
-    return ["--config", str(config_path("demo", "jobs")), f"data.path={out / 'latents'}", f"run.dir={out / 'run'}",
-            f"samples.vae.path={DEMO_VAE}", *overrides]
+def train_args(out: Path, overrides: list[str], run_dir: Path | None = None, periodic_eval: bool = True) -> list[str]:
+    """tb-train's command line for the demo; evaluation during training (when the job has an `eval`
+    section) measures against the real held-out digits, written as an image folder once."""
+    paths = [f"data.path={out / 'latents'}", f"run.dir={run_dir or out / 'run'}", f"samples.vae.path={DEMO_VAE}"]
+    if "eval" in {f.name for f in dataclasses.fields(TrainJobConfig)}:
+        if periodic_eval:
+            paths.append(f"eval.reference={ensure_demo_images(out / 'images_heldout', split='heldout')}")
+        else:
+            paths.append("eval.every_steps=0")
+    return ["--config", str(config_path("demo", "jobs")), *paths, *overrides]
+
+
+def train_subprocess(args: list[str], ranks: int = 1) -> None:
+    """tb-train in child processes (`ranks` of them under torchrun): DeepSpeed keeps process-global
+    groups, so a second training run in one process (the ablation arms) must get a fresh process."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] if ranks > 1 else []
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARIABLES}
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    name = f"tb-train ({ranks} ranks under torchrun)" if ranks > 1 else "tb-train"
+    _check(name, subprocess.run([sys.executable, *launcher, "-m", "tb_train.train", *args], env=env).returncode)
 
 
 def run_train(out: Path, overrides: list[str], ranks: int) -> None:
-    """tb-train in this process (ranks 1) or as `ranks` processes under torchrun with the same global batch."""
+    """tb-train as one child process, or `ranks` of them with the same global batch (ZeRO-2 shards it)."""
     if ranks == 1:
-        _check("tb-train", train.main(train_args(out, overrides)))
+        train_subprocess(train_args(out, overrides))
         return
     cfg = load_config(TrainJobConfig, config_path("demo", "jobs"), overrides)
     global_batch = cfg.engine.global_batch or cfg.data.micro_batch * cfg.engine.grad_accum
     if global_batch % ranks:
         raise ConfigError(f"--ranks {ranks} does not divide the global batch {global_batch}")
     extra = [f"engine.global_batch={global_batch}", f"data.micro_batch={global_batch // ranks}", "engine.grad_accum=1"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-           "-m", "tb_train.train", *train_args(out, [*overrides, *extra])]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    env.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else env.get("DS_ACCELERATOR", "cuda"))
-    _check(f"tb-train ({ranks} ranks under torchrun)", subprocess.run(cmd, env=env).returncode)
+    train_subprocess(train_args(out, [*overrides, *extra]), ranks)
 
 
 def run_config(run_dir: Path) -> dict:
@@ -267,7 +284,7 @@ def run_ablations(out: Path, extractor: DigitExtractor, timer: Timer, smoke: boo
         recon = ab.reconstruction_rows(vae, extractor, test_images, calibration)
     stats = json.loads((out / "latents" / "stats.json").read_text())
     variants = ab.generative_variants(stats["channel_order"])
-    budget = ["run.max_steps=6", "checkpoint.every_steps=6"] if smoke else ["optim.epochs=6"]
+    budget = ["run.max_steps=6", "checkpoint.every_steps=6"] if smoke else [f"optim.epochs={ABLATION_EPOCHS}"]
     ev = DemoEval(per_class=5 if smoke else 20, seed=2000)
     test_stats = digit_stats(extractor(real_images("test")[0])["pool"])
 
@@ -277,10 +294,9 @@ def run_ablations(out: Path, extractor: DigitExtractor, timer: Timer, smoke: boo
         with timer.stage("ablation (b)-(e) training"):
             if not model_file.is_file():
                 run_out.mkdir(parents=True, exist_ok=True)
-                _check("tb-train", train.main([
-                    "--config", str(config_path("demo", "jobs")), f"data.path={out / 'latents'}",
-                    f"run.dir={run_out / 'run'}", f"samples.vae.path={DEMO_VAE}", f"run.seed={seed}",
-                    f"data.seed={seed}", "metrics.image_every=0", *budget, *v.train_overrides]))
+                train_subprocess(train_args(
+                    out, [f"run.seed={seed}", f"data.seed={seed}", "metrics.image_every=0", *budget,
+                          *v.train_overrides], run_dir=run_out / "run", periodic_eval=False))
                 _check("tb-export", export.main([str(run_out / "run"), "--out", str(model_file)]))
         with timer.stage("ablation (b)-(e) sampling"):
             settings = sampling_settings(run_config(run_out / "run"), str(run_out / "run" / "config.yaml"))
@@ -293,7 +309,7 @@ def run_ablations(out: Path, extractor: DigitExtractor, timer: Timer, smoke: boo
     atomic_write_json(out / "ablations.json", {"reconstruction": [r.__dict__ for r in recon], "generative": gen})
     rh, rb = ab.recon_table(recon)
     gh, gb = ab.generative_table(gen)
-    scale = "6 steps" if smoke else "6 epochs"
+    scale = "6 steps" if smoke else f"{ABLATION_EPOCHS} epochs"
     return [("Ablation (a)/(d): reconstruction through the quantizer",
              f"{len(test_images)} real test digits through the demo VAE (posterior mean), quantized and decoded.\n\n"
              + report.markdown_table(rh, rb)),

@@ -66,3 +66,9 @@ def test_generative_verdicts_compare_against_seed_spread():
     assert ab.summarize([0.5]) == "0.500" and ab.summarize([0.4, 0.6]) == "0.500 ± 0.100"
     header, body = ab.generative_table(rows)
     assert body[1][3] == "0.420 ± 0.020"
+
+
+def test_one_seed_claims_no_spread():
+    rows = [{"row": "x", "name": "default", "seeds": [0], "class_consistency": [0.6], "digit_fid": [100.0]},
+            {"row": "(b)", "name": "parallel head", "seeds": [0], "class_consistency": [0.4], "digit_fid": [150.0]}]
+    assert "spread was not measured" in ab.verdicts([], rows)[0]

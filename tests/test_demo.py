@@ -54,3 +54,4 @@ def test_smoke_demo_report_then_rerun_resumes(tmp_path):
     assert "resumed from" in log
     ea = EventAccumulator(str(out / "run" / "tensorboard"), size_guidance={"scalars": 0}).Reload()
     assert [e.step for e in ea.Scalars("loss")] == [1, 2, 3, 4, 5]
+    assert [e.step for e in ea.Scalars("eval/fid")] == [3]  # evaluation during training, saved across the resume

@@ -85,12 +85,21 @@ def precompute_rows(out: str) -> list[Row]:
     return rows
 
 
-def generic_rows(name: str, out: str) -> list[Row]:
-    """`label: number unit [rest]` lines, for benchmarks without a dedicated reader (bench_sample)."""
+def sample_rows(out: str) -> list[Row]:
+    """bench_sample: default vs official generation img/s per size (its markdown rows), Inception img/s."""
     rows: list[Row] = []
-    for m in re.finditer(rf"^\s*([A-Za-z][^:\n]{{2,80}}):\s+({NUM})\s*([^\s,;]*)\s*(.*)$", out, re.M):
-        label, value, unit, rest = m.groups()
-        rows.append((name, label.strip(), f"{value} {unit}".strip(), rest.strip(" ;,()")))
+    row = re.compile(rf"^\| (\w+) \| (\d+) \| (\d+) \| ({NUM}) \| (\w+) \| ({NUM}) \([^)]*\) \|"
+                     rf"(?: ({NUM}) \([^)]*\) \| ({NUM}) \| ([^|]+) \|)?\s*$")
+    for line in out.splitlines():
+        if m := row.match(line):
+            size, batch, num_iter, cfg, prec, fast, official, ratio, same = m.groups()
+            what = f"{size}, batch {batch}, {num_iter} steps, cfg {cfg}, {prec}"
+            rows.append(("sample", f"generation img/s (latents), {what}", f"{float(fast):.3f} img/s", ""))
+            if ratio:
+                rows.append(("sample", f"official loop time / default, {what}", f"{float(ratio):.2f}×",
+                             f"same latents: {same.strip()}"))
+    if m := re.search(rf"^(Inception features[^:]*):\s*({NUM}) img/s", out, re.M):
+        rows.append(("sample", m.group(1) + " (random weights)", f"{float(m.group(2)):.2f} img/s", ""))
     return rows
 
 
@@ -127,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
              lambda out: train_rows(json.loads(train_json.read_text()))),
             ("precompute", "bench_precompute.py", ["--images", "256" if args.quick else "512", "--workers", "1"],
              precompute_rows),
-            ("sample", "bench_sample.py", [], lambda out: generic_rows("sample", out)),
+            ("sample", "bench_sample.py", ["--threads", t, "--sizes", "tiny" if args.quick else "tiny,base",
+                                           "--batch", "4", "--num-iter", "16"], sample_rows),
         ]
         info = machine_info()
         load0 = os.getloadavg()

@@ -183,7 +183,8 @@ def verdicts(recon: Sequence[ReconRow], gen: Sequence[dict]) -> list[str]:
     if len(sweep) >= 2:
         fids = [r.digit_fid for r in sweep]
         mono = all(a.psnr_vs_vae < b.psnr_vs_vae for a, b in zip(sweep, sweep[1:]))
-        out.append(f"(a) levels: PSNR vs the continuous VAE {'rises monotonically' if mono else 'does NOT rise monotonically'} "
+        trend = "rises monotonically" if mono else "does NOT rise monotonically"
+        out.append(f"(a) levels: PSNR vs the continuous VAE {trend} "
                    f"from B={sweep[0].levels} ({sweep[0].psnr_vs_vae:.1f} dB) to B={sweep[-1].levels} "
                    f"({sweep[-1].psnr_vs_vae:.1f} dB); digit-FID {fids[0]:.3f} -> {fids[-1]:.3f} (paper: more "
                    f"levels, better reconstruction, saturating near 64).")

@@ -35,7 +35,8 @@ NUM = r"[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?"
 def head_rows(out: str) -> list[Row]:
     """bench_head part 1 (ms per call, ratios measured | FLOP bound) and part 2 (whole-image seconds)."""
     rows: list[Row] = []
-    part1 = re.compile(rf"^\s*(\w+)\s+(\d+)\s+({NUM})\s+({NUM})\s+({NUM})\s+({NUM}) \|\s*({NUM})\s+({NUM}) \|\s*({NUM})\s*$")
+    part1 = re.compile(rf"^\s*(\w+)\s+(\d+)\s+({NUM})\s+({NUM})\s+({NUM})\s+({NUM}) \|\s*({NUM})"
+                       rf"\s+({NUM}) \|\s*({NUM})\s*$")
     part2 = re.compile(rf"^\s*(\w+)\s+({NUM})\s+({NUM})%\s+({NUM})\s+({NUM})%\s+({NUM})(.*)$")
     for line in out.splitlines():
         if m := part1.match(line):

@@ -40,33 +40,18 @@ def run_main(prog: str, body: Callable[[], int | None]) -> int:
         return EXIT_INTERRUPTED
 
 
-def _run(module: str, argv: list[str] | None = None) -> int:
-    return int(importlib.import_module(module).main(sys.argv[1:] if argv is None else argv) or 0)
+def _entry(module: str) -> Callable[[list[str] | None], int]:
+    """A console-script function that imports `module` only when called and runs its `main(argv)`."""
+    def main(argv: list[str] | None = None) -> int:
+        return int(importlib.import_module(module).main(sys.argv[1:] if argv is None else argv) or 0)
+    main.__name__ = main.__qualname__ = f"{module.rsplit('.', 1)[-1]}_main"
+    return main
 
 
-def precompute_main(argv: list[str] | None = None) -> int:
-    return _run("tb_train.precompute", argv)
-
-
-def train_main(argv: list[str] | None = None) -> int:
-    return _run("tb_train.train", argv)
-
-
-def export_main(argv: list[str] | None = None) -> int:
-    return _run("tb_train.export", argv)
-
-
-def demo_main(argv: list[str] | None = None) -> int:
-    return _run("tb_train.demo", argv)
-
-
-def sample_main(argv: list[str] | None = None) -> int:
-    return _run("tb_train.sample", argv)
-
-
-def eval_main(argv: list[str] | None = None) -> int:
-    return _run("tb_train.evaluate", argv)
-
-
-def submit_main(argv: list[str] | None = None) -> int:
-    return _run("tb_train.launch.submit", argv)
+precompute_main = _entry("tb_train.precompute")
+train_main = _entry("tb_train.train")
+export_main = _entry("tb_train.export")
+demo_main = _entry("tb_train.demo")
+sample_main = _entry("tb_train.sample")
+eval_main = _entry("tb_train.evaluate")
+submit_main = _entry("tb_train.launch.submit")

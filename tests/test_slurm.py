@@ -141,7 +141,7 @@ def _assert_resumed_exactly(setup: TrainSetup, name: str, run: Path) -> None:
 
 @pytest.mark.slow
 def test_preempt_resumes_with_identical_losses(slurm_cluster, setup, capsys):
-    run, record, argv = _probe(setup, "preempted", "probe.block_after=4")
+    run, record, argv = _probe(setup, "slurm_preempted", "probe.block_after=4")
     job_id = submit(capsys, *argv)
     wait_blocked(record, slurm_cluster, job_id)
     import submitit
@@ -154,7 +154,7 @@ def test_preempt_resumes_with_identical_losses(slurm_cluster, setup, capsys):
     assert [(a["attempt"], a["status"], a["outcome"]) for a in attempts] == \
         [(0, 75, "requeued"), (1, 0, "finished")]
     assert "resumed from" in Path(records.task_logs(run, job_id, 2)[0]["out"]).read_text()
-    _assert_resumed_exactly(setup, "preempted", run)
+    _assert_resumed_exactly(setup, "slurm_preempted", run)
     print(f"\nmeasured: preempt -> finished (requeue released at once) {time.time() - t0:.1f} s")
 
 
@@ -163,7 +163,7 @@ def test_time_limit_requeues_and_completes(slurm_cluster, setup, capsys):
     """A 2-minute limit with USR2@30: Slurm signals once `end - now <= 30 + 30 s` at one of its 30-s
     checks, i.e. 60-90 s after the start (start-up to the first step took up to 42 s on the loaded
     2-core machine), while the job is held after step 3; the second attempt gets a fresh limit and ends."""
-    run, record, argv = _probe(setup, "time_limit", "probe.block_after=3", "cluster.time_min=2",
+    run, record, argv = _probe(setup, "slurm_time_limit", "probe.block_after=3", "cluster.time_min=2",
                                "cluster.signal_grace_s=30", "cluster.max_requeues=2")
     job_id = submit(capsys, *argv)
     wait_blocked(record, slurm_cluster, job_id)
@@ -173,12 +173,12 @@ def test_time_limit_requeues_and_completes(slurm_cluster, setup, capsys):
     assert [(a["attempt"], a["status"], a["outcome"]) for a in attempts] == \
         [(0, 75, "requeued"), (1, 0, "finished")]
     assert "attempt 1" in report(run)
-    _assert_resumed_exactly(setup, "time_limit", run)
+    _assert_resumed_exactly(setup, "slurm_time_limit", run)
 
 
 @pytest.mark.slow
 def test_scancel_does_not_requeue(slurm_cluster, setup, capsys):
-    run, record, argv = _probe(setup, "cancelled", "probe.block_after=3")
+    run, record, argv = _probe(setup, "slurm_cancelled", "probe.block_after=3")
     job_id = submit(capsys, *argv)
     wait_blocked(record, slurm_cluster, job_id)
     assert slurm_cluster.run("scancel", job_id).returncode == 0

@@ -29,7 +29,6 @@ from tb_train.dist import DistInfo, mean_over_ranks
 from tb_train.ema import ShardedEMA
 from tb_train.optim import OptimConfig, param_groups
 from tb_train.recipes import config_path
-from tb_train.rng import derive_seed  # noqa: F401  (old import path of demo.py and tests/test_export.py)
 
 # Fields of the DeepSpeed JSON that the job config owns; a JSON that sets them is rejected, not overridden.
 JOB_OWNED_DS_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",

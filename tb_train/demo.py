@@ -40,14 +40,17 @@ from tb_model.registry import ModelConfig, create
 from tb_model.tokenbridge import TokenBridge
 from tb_model.vae import LatentVAE, VAEConfig, load_vae
 from tb_train import export, precompute, report
-from tb_train.cli import run_main
 from tb_train.ablations import nchw_uint8
+from tb_train.cli import run_main
 from tb_train.demo_data import DEMO_VAE, ensure_demo_images
 from tb_train.digits import (DigitExtractor, digit_fid, digit_stats, load_digit_extractor, real_images,
                              score_images, split_accuracy)
+from tb_model.vae import sample_latents
+from tb_train import ablations as ab
 from tb_train.recipes import config_path
 from tb_train.rng import init_seed
 from tb_train.sample import Sampler, SamplingConfig, load_model
+from tb_train.shards import LatentShards
 from tb_train.train import TrainJobConfig
 
 SMOKE_OVERRIDES = ["run.max_steps=12", "checkpoint.every_steps=6", "metrics.log_every=2", "metrics.image_every=6",
@@ -208,9 +211,6 @@ def measure(out: Path, model_file: Path, ev: DemoEval, extractor: DigitExtractor
 
 def quant_figure(out: Path) -> dict:
     """Figure 3 of the paper for the demo latents: scaled posterior samples of the train split."""
-    from tb_model.vae import sample_latents
-    from tb_train.shards import LatentShards
-
     cfg = run_config(out / "run")
     qcfg = from_dict(ModelConfig, cfg["model"], source="run config.yaml", prefix="model").quantizer
     shards = LatentShards(out / "latents", verify=False)
@@ -276,8 +276,6 @@ def demo_report(out: Path, m: dict, timer: Timer, quant: dict, curves: list[str]
 def run_ablations(out: Path, extractor: DigitExtractor, timer: Timer, smoke: bool,
                   seeds: tuple[int, ...]) -> list[tuple[str, str]]:
     """Rows (a)–(e) of tb_train/ablations.py; -> report sections."""
-    from tb_train import ablations as ab
-
     vae = load_vae(VAEConfig(path=str(DEMO_VAE)))
     with timer.stage("ablation (a)+(d) reconstruction"):
         test_images, _ = real_images("test")

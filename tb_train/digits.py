@@ -32,7 +32,9 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from tb_core.errors import InputError
+from tb_core.fileio import atomic_write_bytes
 from tb_train.demo_data import DEMO_SIZE, demo_split
+from tb_train.evaluate import feature_stats, frechet_distance
 
 DIGITS_WEIGHTS = Path(__file__).resolve().parent / "assets" / "digits_cnn.safetensors"
 FEATURE_DIM = 64
@@ -158,15 +160,11 @@ def real_images(split: str) -> tuple[Tensor, Tensor]:
 
 def digit_stats(feats: Tensor) -> tuple:
     """(mu, sigma) of penultimate features [N, D], by the evaluation code's own function."""
-    from tb_train.evaluate import feature_stats
-
     return feature_stats(feats)
 
 
 def digit_fid(stats_a: tuple, stats_b: tuple) -> float:
     """Fréchet distance between two (mu, sigma) pairs, by the evaluation code's own function."""
-    from tb_train.evaluate import frechet_distance
-
     return float(frechet_distance(*stats_a, *stats_b))
 
 
@@ -191,7 +189,6 @@ def split_accuracy(extractor: DigitExtractor, split: str) -> float:
 
 def save_classifier(model: DigitCNN, path: Path, metadata: dict[str, str]) -> None:
     """Weights + metadata (recipe, accuracies) as one safetensors file, written atomically."""
-    from tb_core.fileio import atomic_write_bytes
     from safetensors.torch import save
 
     atomic_write_bytes(path, save({k: v.contiguous() for k, v in model.state_dict().items()}, metadata=metadata))

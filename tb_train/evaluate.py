@@ -36,6 +36,8 @@ from torch import Tensor
 from tb_core.config import load_config, to_dict
 from tb_core.errors import InputError
 from tb_core.fileio import atomic_write_json, atomic_write_with, sha256_file, sha256_files
+from tb_train.cli import job_parser, run_main
+from tb_train.sample import on_ranks
 
 PAPER_COUNT = 50_000
 SAMPLE_NAME = re.compile(r"^(\d+)_c(\d+)\.png$")
@@ -503,16 +505,12 @@ def evaluate(cfg: EvaluateJobConfig, rank: int = 0, world: int = 1, device: str 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tb_train.cli import job_parser, run_main
-
     args = job_parser("tb-eval", "FID / IS / precision-recall / sFID of samples against a reference "
                       "(docs/evaluation.md).", config_required=False).parse_args(sys.argv[1:] if argv is None else argv)
     return run_main("tb-eval", lambda: _main(load_config(EvaluateJobConfig, args.config, args.overrides)))
 
 
 def _main(cfg: EvaluateJobConfig) -> int:
-    from tb_train.sample import on_ranks
-
     for key in ("samples", "reference", "inception_weights"):  # before any process group or model
         if not Path(getattr(cfg, key)).expanduser().exists():
             raise InputError(f"{key}={getattr(cfg, key)}: not found")

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from tb_core.errors import InputError
+from tb_core.fileio import atomic_torch_save
 
 NAME = "inception-v3-compat"
 SPATIAL_CHANNELS = 7
@@ -102,7 +103,6 @@ def write_random_weights(path: str | os.PathLike, seed: int = 0) -> Path:
             elif isinstance(m, nn.Linear):
                 m.weight.copy_(torch.randn(m.weight.shape, generator=gen) / m.in_features ** 0.5)
                 m.bias.zero_()
-    from tb_core.fileio import atomic_torch_save
 
     return atomic_torch_save(net.state_dict(), path)
 

@@ -34,7 +34,10 @@ from torch import Tensor
 from tb_core.config import load_config, to_dict
 from tb_core.errors import ConfigError, InputError, TBError
 from tb_core.fileio import atomic_write_json, atomic_write_with, sha256_file
+from tb_model.pretrained import read_config
+from tb_model.tokenbridge import TokenBridge
 from tb_model.vae import VAEConfig, load_vae
+from tb_train.dist import any_flag, barrier
 from tb_train.rng import derive_seed
 
 SEED_STREAM = 2  # derive_seed stream of sampling (0: model randomness, 1: posterior noise in training)
@@ -119,9 +122,6 @@ class Sampler:
 # -- loading -------------------------------------------------------------------------------------------
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
     """An exported model file -> (TokenBridge in eval mode, the file's metadata: step, weights, ...)."""
-    from tb_model.pretrained import read_config
-    from tb_model.tokenbridge import TokenBridge
-
     _, meta = read_config(path)
     return TokenBridge.from_pretrained(path, device=device), meta
 
@@ -273,7 +273,6 @@ def run_sample(cfg: SampleJobConfig, rank: int, world: int, device: torch.device
     """The tb-sample job on an initialised process group (or one process); the record on rank 0."""
     from tqdm import tqdm
 
-    from tb_train.dist import any_flag, barrier
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tb_core.errors import InputError
 from tb_train.launch import records
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
@@ -82,8 +83,6 @@ def last_checkpoint(run_dir: str | Path) -> str | None:
 
 def report(run_dir: str | Path) -> str:
     """The text `tb-submit status` prints."""
-    from tb_core.errors import InputError
-
     jobs = records.read_jobs(run_dir)
     if not jobs:
         raise InputError(f"{run_dir}: no {records.SUBDIR}/jobs.json (not a folder made by tb-submit)")

@@ -28,8 +28,10 @@ from typing import Any
 
 from tb_core.config import deep_merge, parse_overrides, read_yaml
 from tb_core.errors import ConfigError
+from tb_train.cli import run_main
 from tb_train.launch import records
 from tb_train.launch.cluster import ClusterConfig, load_cluster
+from tb_train.launch.status import report, wait_for
 from tb_train.launch.task import JobTask
 from tb_train.recipes import config_path
 
@@ -232,8 +234,6 @@ def plan_from_args(argv: list[str]) -> tuple[ClusterConfig, list[Plan], argparse
 
 def run_submit(argv: list[str]) -> int:
     if argv[:1] == ["status"]:
-        from tb_train.launch.status import report
-
         p = _Parser(prog=f"{PROG} status", description="Jobs, states, attempts and logs of a run folder.")
         p.add_argument("run_dir")
         print(report(p.parse_args(argv[1:]).run_dir))
@@ -248,7 +248,6 @@ def run_submit(argv: list[str]) -> int:
     print(f"{PROG}: follow with: {PROG} status {plans[0].run_dir}")
     if not (args.wait or cluster.executor == "local"):
         return 0
-    from tb_train.launch.status import wait_for
 
     status = 0
     for entry in records.read_jobs(plans[0].run_dir)[-len(jobs):]:
@@ -263,8 +262,6 @@ def run_submit(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tb_train.cli import run_main
-
     return run_main(PROG, lambda: run_submit(sys.argv[1:] if argv is None else list(argv)))
 
 

@@ -6,7 +6,8 @@ micro-batch m (= rank * accum + j) of that step is the m-th contiguous chunk of 
 The cursor is just (epoch, consumed), so a job resumed at another world size or accumulation with the
 same G sees exactly the same global batches, and every rank gets the same number of batches (the last
 partial global batch of an epoch is dropped). Which cached view (image or its h-flip) a sample shows is
-drawn per (seed, epoch, sample index), independently of the permutation and of the world size.
+drawn per (seed, epoch, sample index), independently of the permutation and of the world size
+(`data.hflip: false` always shows the image itself).
 
 Reading runs in DataLoader workers: a sampler walks this rank's micro-batches from the cursor on, across
 epoch boundaries, and the workers read them ahead (in order) while the model computes.
@@ -37,6 +38,8 @@ class DataConfig:
     num_workers: int = 2      # DataLoader worker processes per rank (0 = read in the training process)
     seed: int = 0
     verify: bool = True       # sha256 check of every shard before training starts
+    hflip: bool = True        # show the cached h-flip of a sample half the time (MAR/ImageNet); false for
+                              # data where a mirror image is another thing (digits: a mirrored 5 is no 5)
 
     def __post_init__(self) -> None:
         if self.micro_batch < 1:
@@ -57,8 +60,11 @@ def epoch_order(seed: int, epoch: int, num_samples: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch, _ORDER_STREAM]).permutation(num_samples)
 
 
-def epoch_views(seed: int, epoch: int, num_samples: int) -> np.ndarray:
-    """View per sample index for (seed, epoch): uint8 [num_samples], 0 = image, 1 = h-flip."""
+def epoch_views(seed: int, epoch: int, num_samples: int, hflip: bool = True) -> np.ndarray:
+    """View per sample index for (seed, epoch): uint8 [num_samples], 0 = image, 1 = h-flip
+    (all 0 without hflip)."""
+    if not hflip:
+        return np.zeros(num_samples, dtype=np.uint8)
     return np.random.default_rng([seed, epoch, _VIEW_STREAM]).integers(0, 2, num_samples, dtype=np.uint8)
 
 
@@ -105,14 +111,14 @@ class _MicroBatchReader(Dataset):
     order[first:first+b] of that epoch, each in its view of that epoch. Runs in the DataLoader workers;
     each process derives (and keeps) the order of the epochs it reads."""
 
-    def __init__(self, shards: LatentShards, seed: int, micro_batch: int):
-        self.shards, self.seed, self.micro_batch = shards, seed, micro_batch
+    def __init__(self, shards: LatentShards, seed: int, micro_batch: int, hflip: bool):
+        self.shards, self.seed, self.micro_batch, self.hflip = shards, seed, micro_batch, hflip
         self._epoch: tuple[int, np.ndarray, np.ndarray] | None = None
 
     def _arrays(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         if self._epoch is None or self._epoch[0] != epoch:
             n = len(self.shards)
-            self._epoch = (epoch, epoch_order(self.seed, epoch, n), epoch_views(self.seed, epoch, n))
+            self._epoch = (epoch, epoch_order(self.seed, epoch, n), epoch_views(self.seed, epoch, n, self.hflip))
         return self._epoch[1], self._epoch[2]
 
     def _read(self, index: int) -> tuple[np.ndarray, int]:
@@ -169,7 +175,7 @@ class LatentLoader:
         cfg = self.cfg
         schedule = _RankSchedule(self.epoch, self.consumed, self.rank, self.accum, cfg.micro_batch,
                                  self.global_batch, self.num_samples)
-        loader = DataLoader(_MicroBatchReader(self.shards, cfg.seed, cfg.micro_batch), sampler=schedule,
+        loader = DataLoader(_MicroBatchReader(self.shards, cfg.seed, cfg.micro_batch, cfg.hflip), sampler=schedule,
                             batch_size=None, num_workers=cfg.num_workers, pin_memory=False,
                             prefetch_factor=2 if cfg.num_workers else None)
         self._iter = iter(loader)

@@ -21,8 +21,8 @@ def folder(tmp_path_factory):
     return str(write_latent_folder(tmp_path_factory.mktemp("latents"), N, samples_per_shard=8))
 
 
-def loaders(folder, world, accum, micro=3, seed=0, workers=0):
-    cfg = DataConfig(path=folder, micro_batch=micro, num_workers=workers, seed=seed, verify=False)
+def loaders(folder, world, accum, micro=3, seed=0, workers=0, hflip=True):
+    cfg = DataConfig(path=folder, micro_batch=micro, num_workers=workers, seed=seed, verify=False, hflip=hflip)
     return [LatentLoader(cfg, r, world, accum) for r in range(world)]
 
 
@@ -125,6 +125,14 @@ def test_view_choice_is_balanced_deterministic_and_seeded():
     assert 0.4 < (v != epoch_views(0, 1, 20000)).mean() < 0.6  # independent across epochs
     assert 0.4 < (v != epoch_views(1, 0, 20000)).mean() < 0.6  # and seeds
     assert not np.array_equal(epoch_order(0, 0, 100), epoch_order(1, 0, 100))
+
+
+def test_hflip_off_shows_only_the_image_in_the_same_order(folder):
+    flipped, plain = loaders(folder, 1, 1, micro=10)[0], loaders(folder, 1, 1, micro=10, hflip=False)[0]
+    a = [row for _ in range(10) for row in global_step([flipped])]
+    b = [row for _ in range(10) for row in global_step([plain])]
+    assert [i for i, _ in a] == [i for i, _ in b]            # the order does not depend on the views
+    assert {v for _, v in a} == {0, 1} and {v for _, v in b} == {0}
 
 
 def test_changed_seed_on_resume_is_an_error(folder):

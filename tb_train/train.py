@@ -23,6 +23,7 @@ Exit status (what a scheduler wrapper acts on):
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import signal
 import sys
@@ -77,9 +78,7 @@ class RunConfig:
 class SampleGridConfig:
     """The EMA sample grid written every metrics.image_every steps."""
     num_images: int = 16
-    num_iter: int = 16               # generation steps (64 fast, 256 paper)
-    cfg: float = 1.0                 # guidance weight
-    temperature: float = 1.0
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(num_iter=16))  # batch_size: num_images
     vae: VAEConfig | None = None     # decode to pixels; None: show latent channels 0-2 as colours
 
 
@@ -335,8 +334,7 @@ class SampleGrid:
         if not trainer.dist.is_main:
             return
         sc, device = self.cfg, trainer.dist.device
-        settings = SamplingConfig(num_iter=sc.num_iter, cfg=sc.cfg, temperature=sc.temperature,
-                                  batch_size=sc.num_images)
+        settings = dataclasses.replace(sc.sampling, batch_size=sc.num_images)
         labels = [i % trainer.cfg.model.num_classes for i in range(sc.num_images)]
         latents = Sampler(model, None, settings, device).latents(labels, range(sc.num_images), trainer.cfg.run.seed)
         with torch.no_grad():

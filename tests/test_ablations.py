@@ -61,8 +61,13 @@ def test_generative_verdicts_compare_against_seed_spread():
             {"row": "(e)", "name": "confidence-guided generation order", "seeds": [0, 1],
              "class_consistency": [0.61, 0.60], "digit_fid": [101.0, 104.0]}]
     lines = ab.verdicts([], rows)
-    assert "class-consistency -0.190" in lines[0] and "larger than the seed-to-seed spread" in lines[0]
-    assert "within the seed-to-seed spread" in lines[1]
+    # spreads: class-consistency ±0.020 (parallel), digit-FID ±5.0 (default, parallel)
+    assert "class-consistency -0.190" in lines[0] and "digit-FID +90.000" in lines[0]
+    assert "class-consistency ±0.020 (larger than" in lines[0] and "REPRODUCED in direction" in lines[0]
+    assert "class-consistency ±0.020 (within" in lines[1] and "digit-FID ±5.000 (within" in lines[1]
+    assert "NOT shown here" in lines[1]
+    rows[2]["digit_fid"] = [150.0, 160.0]          # confidence order clearly worse: the opposite of the paper
+    assert "the OPPOSITE here" in ab.verdicts([], rows)[1]
     assert ab.summarize([0.5]) == "0.500" and ab.summarize([0.4, 0.6]) == "0.500 ± 0.100"
     header, body = ab.generative_table(rows)
     assert body[1][3] == "0.420 ± 0.020"

@@ -12,7 +12,13 @@ import pytest
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from tb_train.demo import train_args, train_subprocess
 from tb_train.sample import load_model
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    ea = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0}).Reload()
+    return [(e.step, e.value) for e in ea.Scalars("loss")]
 
 
 def run_demo(out: Path, *args: str) -> str:
@@ -55,3 +61,22 @@ def test_smoke_demo_report_then_rerun_resumes(tmp_path):
     ea = EventAccumulator(str(out / "run" / "tensorboard"), size_guidance={"scalars": 0}).Reload()
     assert [e.step for e in ea.Scalars("loss")] == [1, 2, 3, 4, 5]
     assert [e.step for e in ea.Scalars("eval/fid")] == [3]  # evaluation during training, saved across the resume
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_demo_two_ranks_trains_what_one_process_trains(tmp_path, monkeypatch):
+    """`--ranks 2` = the same global batch of 64 as 2 micro-batches of 32 on 2 ZeRO-2 ranks: per-step losses
+    equal those of ONE process running the same 2 micro-batches by accumulation (the same seeds per
+    micro-batch) up to float summation order."""
+    out = tmp_path / "demo"
+    run_demo(out, "--ranks", "2", "run.max_steps=4")
+    state = json.loads((out / "run" / "checkpoints" / "step_00000004" / "train_state.json").read_text())
+    assert state["world"] == 2 and state["zero_stage"] == 2
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    train_subprocess(train_args(out, ["run.max_steps=4", "metrics.log_every=1", "metrics.image_every=0",
+                                     "data.micro_batch=32", "engine.grad_accum=2"],
+                                run_dir=tmp_path / "one", periodic_eval=False))
+    two, one = losses(out / "run"), losses(tmp_path / "one")
+    assert [s for s, _ in two] == [s for s, _ in one] == [1, 2, 3, 4]
+    assert all(abs(a - b) <= 1e-5 * abs(b) for (_, a), (_, b) in zip(two, one)), (two, one)

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from tb_model.vae import VAEConfig
+from tb_model.vae import VAEConfig, load_vae
+from tb_train.digits import load_digit_extractor
 from tb_train.dist import DistInfo
 from tb_train.periodic_eval import EvalConfig, PeriodicEval
-from tb_train.sample import SamplingConfig
+from tb_train.sample import Sampler, SamplingConfig, to_uint8
 
 from fixtures.engine import run_job, write_latent_folder, LATENT_C, LATENT_HW, NUM_CLASSES
 
@@ -105,6 +106,11 @@ def test_hook_is_deterministic_and_skips_evaluated_steps_after_load(tiny_vae_dir
     assert hook.history[2]["fid"] == hook.history[4]["fid"] > 0  # same weights, same seeds: same samples
     assert 0 < hook.history[2]["time_share"] <= 1 and hook.history[2]["is"] >= 1
     assert sorted(eval_scalars(tmp_path / "run")) == [2, 4]
+    # class-consistency: the digit classifier's argmax on the same 6 samples vs the asked class i % 10
+    sampler = Sampler(model, load_vae(VAEConfig(path=str(tiny_vae_dir))), cfg.sampling)
+    images = to_uint8(sampler.images([i % 10 for i in range(6)], range(6), cfg.seed)).permute(0, 3, 1, 2)
+    right = (load_digit_extractor()(images)["logits"].argmax(1) == torch.arange(6) % 10).float().mean()
+    assert hook.history[2]["class_consistency"] == pytest.approx(float(right), abs=1e-6)
 
     resumed = PeriodicEval(cfg, VAEConfig(path=str(tiny_vae_dir)))
     resumed.load_state_dict(hook.state_dict())

@@ -183,11 +183,11 @@ def grid_png(images: torch.Tensor, labels: torch.Tensor, per_row: int, path: Pat
     return path
 
 
-def measure(out: Path, model_file: Path, ev: DemoEval, extractor: DigitExtractor, timer: Timer) -> dict:
+def measure(out: Path, model_file: Path, ev: DemoEval, extractor: DigitExtractor, vae: LatentVAE,
+            timer: Timer) -> dict:
     """Class-consistency and digit-FID of the trained and the step-0 model, floors, classifier accuracy."""
     cfg = run_config(out / "run")
     grid = sampling_settings(cfg, str(out / "run" / "config.yaml"))
-    vae = load_vae(VAEConfig(path=str(DEMO_VAE)))
     model, _ = load_model(model_file)
     refs = {s: digit_stats(extractor(real_images(s)[0])["pool"]) for s in EVAL_SPLITS}
     train_stats = digit_stats(extractor(real_images("train")[0])["pool"])
@@ -269,10 +269,9 @@ def demo_report(out: Path, m: dict, timer: Timer, quant: dict, curves: list[str]
     return report.write_report(out / "report.md", title, sections)
 
 
-def run_ablations(out: Path, extractor: DigitExtractor, timer: Timer, smoke: bool,
+def run_ablations(out: Path, extractor: DigitExtractor, vae: LatentVAE, timer: Timer, smoke: bool,
                   seeds: tuple[int, ...]) -> list[tuple[str, str]]:
     """Rows (a)–(e) of tb_train/ablations.py; -> report sections."""
-    vae = load_vae(VAEConfig(path=str(DEMO_VAE)))
     with timer.stage("ablation (a)+(d) reconstruction"):
         test_images, _ = real_images("test")
         calibration = ab.encode_means(vae, real_images("train")[0])
@@ -346,11 +345,12 @@ def run_demo(args: argparse.Namespace) -> int:
     with timer.stage("export"):
         _check("tb-export", export.main([str(out / "run"), "--out", str(model_file)]))
     print("tb-demo [4/5] sample every class and measure", flush=True)
-    m = measure(out, model_file, ev, extractor, timer)
+    vae = load_vae(VAEConfig(path=str(DEMO_VAE)))
+    m = measure(out, model_file, ev, extractor, vae, timer)
     extra: list[tuple[str, str]] = []
     if args.ablations:
         print("tb-demo [4b/5] ablations (a)-(e)", flush=True)
-        extra = run_ablations(out, extractor, timer, args.smoke, tuple(args.ablation_seeds))
+        extra = run_ablations(out, extractor, vae, timer, args.smoke, tuple(args.ablation_seeds))
     print("tb-demo [5/5] write the report", flush=True)
     with timer.stage("report"):
         curves = report.curves_png(out / "run" / "tensorboard", out / "curves.png")

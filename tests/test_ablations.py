@@ -61,13 +61,15 @@ def test_generative_verdicts_compare_against_seed_spread():
             {"row": "(e)", "name": "confidence-guided generation order", "seeds": [0, 1],
              "class_consistency": [0.61, 0.60], "digit_fid": [101.0, 104.0]}]
     lines = ab.verdicts([], rows)
-    # spreads: class-consistency ±0.020 (parallel), digit-FID ±5.0 (default, parallel)
+    # parallel vs default: both metrics worse, ranges apart -> the paper's direction (AR head better)
     assert "class-consistency -0.190" in lines[0] and "digit-FID +90.000" in lines[0]
-    assert "class-consistency ±0.020 (larger than" in lines[0] and "REPRODUCED in direction" in lines[0]
-    assert "class-consistency ±0.020 (within" in lines[1] and "digit-FID ±5.000 (within" in lines[1]
-    assert "NOT shown here" in lines[1]
+    assert "class-consistency ±0.020 vs ±0.010 (apart)" in lines[0] and "REPRODUCED" in lines[0]
+    # confidence vs default: within the ranges
+    assert "digit-FID ±1.500 vs ±5.000 (overlapping)" in lines[1] and "NOT shown here" in lines[1]
     rows[2]["digit_fid"] = [150.0, 160.0]          # confidence order clearly worse: the opposite of the paper
     assert "the OPPOSITE here" in ab.verdicts([], rows)[1]
+    rows[2]["class_consistency"] = [0.80, 0.82]    # better consistency, worse FID: no direction claimed
+    assert "the two metrics disagree; the paper's direction is NOT shown" in ab.verdicts([], rows)[1]
     assert ab.summarize([0.5]) == "0.500" and ab.summarize([0.4, 0.6]) == "0.500 ± 0.100"
     header, body = ab.generative_table(rows)
     assert body[1][3] == "0.420 ± 0.020"

@@ -38,15 +38,13 @@ from tb_core.errors import ConfigError, TBError
 from tb_core.fileio import atomic_write_json
 from tb_model.registry import ModelConfig, create
 from tb_model.tokenbridge import TokenBridge
-from tb_model.vae import LatentVAE, VAEConfig, load_vae
+from tb_model.vae import LatentVAE, VAEConfig, load_vae, sample_latents
+from tb_train import ablations as ab
 from tb_train import export, precompute, report
-from tb_train.ablations import nchw_uint8
 from tb_train.cli import run_main
 from tb_train.demo_data import DEMO_VAE, ensure_demo_images
 from tb_train.digits import (DigitExtractor, digit_fid, digit_stats, load_digit_extractor, real_images,
                              score_images, split_accuracy)
-from tb_model.vae import sample_latents
-from tb_train import ablations as ab
 from tb_train.recipes import config_path
 from tb_train.rng import init_seed
 from tb_train.sample import Sampler, SamplingConfig, load_model
@@ -171,7 +169,7 @@ def sample_classes(model: TokenBridge, vae: LatentVAE, per_class: int, settings:
     Through the sampling component (tb_train.sample.Sampler): sample i is seeded by (seed, i) alone."""
     labels = torch.arange(model.config.num_classes).repeat_interleave(per_class)
     images = Sampler(model.eval(), vae, settings).images(labels, range(len(labels)), seed)
-    return nchw_uint8(images), labels
+    return ab.nchw_uint8(images), labels
 
 
 def grid_png(images: torch.Tensor, labels: torch.Tensor, per_row: int, path: Path) -> Path:

@@ -10,9 +10,10 @@ classes i % num_classes), the feature extractor protocol, and the metric functio
 over the ranks in contiguous slices (the same image set for any world size), features are gathered to
 rank 0, which computes FID/IS against the reference statistics (an ADM npz with mu/sigma, or real
 images whose statistics are computed once and cached beside them) and logs `eval/fid`, `eval/is`,
-`eval/class_consistency` (extractor `digits` only: its classes are the model's), `eval/seconds` (this evaluation, including the one-time setup on the first) and `eval/time_share`
-(evaluation time / wall time of this process since the hook was made: the share of the job's time
-spent evaluating) to TensorBoard beside the loss. Off by default (`every_steps: 0`).
+`eval/class_consistency` (extractor `digits` only: its classes are the model's), `eval/seconds` (this
+evaluation, including the one-time setup on the first) and `eval/time_share` (evaluation time / wall
+time of this process since the hook was made: the share of the job's time spent evaluating) to
+TensorBoard beside the loss. Off by default (`every_steps: 0`).
 """
 from __future__ import annotations
 

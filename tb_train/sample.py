@@ -273,7 +273,6 @@ def run_sample(cfg: SampleJobConfig, rank: int, world: int, device: torch.device
     """The tb-sample job on an initialised process group (or one process); the record on rank 0."""
     from tqdm import tqdm
 
-
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     vae = load_vae(cfg.vae, device=device)

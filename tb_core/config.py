@@ -3,12 +3,18 @@
 Each component owns a dataclass; a job config is a dataclass composed of them. Files are read
 strictly: an unknown key, a value of the wrong type or a missing required field raises a one-line
 `ConfigError` naming the file and the dotted key, before any heavy work starts. A YAML file may
-name a `_base_` file (relative to itself) whose values it overrides, so job files stay short.
+name a `_base_` file (relative to itself) whose values it overrides, so job files stay short; a section
+may name one too (`model: {_base_: ../model/L.yaml}`), so a job composes the model file people read.
+`describe_keys` lists a config's dotted keys with type, default and the field's trailing comment, for
+each job's `--help`.
 """
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import io
 import os
+import tokenize
 import types
 from pathlib import Path
 from typing import Any, Iterable, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -139,8 +145,21 @@ def deep_merge(base: dict, update: dict) -> dict:
     return out
 
 
+def _resolve_bases(data: dict, folder: Path, seen: tuple) -> dict:
+    """Resolve `_base_` keys inside nested sections (paths relative to the file that names them)."""
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            value = _resolve_bases(value, folder, seen)
+            base = value.pop(BASE_KEY, None)
+            if base is not None:
+                value = deep_merge(read_yaml(folder / base, seen), value)
+        out[key] = value
+    return out
+
+
 def read_yaml(path: str | os.PathLike, _seen: tuple = ()) -> dict:
-    """Read a YAML mapping, resolving its `_base_` chain (a cycle or a missing base is an error)."""
+    """Read a YAML mapping, resolving its `_base_` chains (a cycle or a missing base is an error)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
@@ -153,10 +172,12 @@ def read_yaml(path: str | os.PathLike, _seen: tuple = ()) -> dict:
         raise ConfigError(f"{path}: invalid YAML: {msg}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    seen = _seen + (path.resolve(),)
     base = data.pop(BASE_KEY, None)
+    data = _resolve_bases(data, path.parent, seen)
     if base is None:
         return data
-    return deep_merge(read_yaml(path.parent / base, _seen + (path.resolve(),)), data)
+    return deep_merge(read_yaml(path.parent / base, seen), data)
 
 
 def parse_overrides(overrides: Iterable[str]) -> dict:
@@ -196,4 +217,56 @@ def dump_config(cfg: Any, path: str | os.PathLike) -> None:
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-__all__ = ["from_dict", "to_dict", "deep_merge", "read_yaml", "parse_overrides", "load_config", "dump_config"]
+@dataclasses.dataclass(frozen=True)
+class KeyDoc:
+    key: str        # dotted
+    type: str
+    default: Any
+    required: bool
+    comment: str    # the field's trailing `# comment` in the source ("" if none)
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """{field name: its trailing comment} read from the class source (empty when the source is absent)."""
+    try:
+        src = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    out, line_name = {}, {}
+    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+        row = tok.start[0]
+        if tok.type == tokenize.NAME and row not in line_name and tok.start[1] == 4:
+            line_name[row] = tok.string
+        elif tok.type == tokenize.COMMENT and row in line_name:
+            out.setdefault(line_name[row], tok.string.lstrip("# ").strip())
+    return out
+
+
+def _default_of(f: dataclasses.Field) -> tuple[Any, bool]:
+    if f.default is not dataclasses.MISSING:
+        return f.default, False
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory(), False
+    return None, True
+
+
+def describe_keys(cls: type, prefix: str = "") -> list[KeyDoc]:
+    """Every leaf key of config dataclass `cls` (nested configs expanded; an optional nested config is
+    listed by its own keys too) with type, default and comment, in declaration order."""
+    hints = get_type_hints(cls)
+    comments = _field_comments(cls)
+    out: list[KeyDoc] = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        tp, key = hints[f.name], f"{prefix}{f.name}"
+        nested = [a for a in (get_args(tp) or (tp,)) if dataclasses.is_dataclass(a)]
+        if nested:
+            out.extend(describe_keys(nested[0], key + "."))
+            continue
+        default, required = _default_of(f)
+        out.append(KeyDoc(key, _type_name(tp), to_dict(default), required, comments.get(f.name, "")))
+    return out
+
+
+__all__ = ["describe_keys", "KeyDoc", "from_dict", "to_dict", "deep_merge", "read_yaml", "parse_overrides", "load_config", "dump_config"]

@@ -25,4 +25,13 @@ class CheckpointError(TBError):
     """A checkpoint to resume or export from is missing or damaged."""
 
 
-__all__ = ["TBError", "ConfigError", "InputError", "CheckpointError"]
+class FollowerExit(TBError):
+    """Another rank failed and rank 0 reports it: this rank exits with that status and prints nothing
+    (one line per failure, not one per rank)."""
+
+    def __init__(self, exit_code: int):
+        super().__init__(f"another rank failed (exit status {exit_code})")
+        self.exit_code = exit_code
+
+
+__all__ = ["TBError", "ConfigError", "InputError", "CheckpointError", "FollowerExit"]

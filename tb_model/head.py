@@ -5,7 +5,8 @@ transformer over the sequence [cond, E_0(t_0), ..., E_{S-2}(t_{S-2})] (cond = Li
 table per step, a learned step position embedding) whose blocks are adaLN-Zero modulated by
 cond + a learned per-step embedding; step i's output goes through its own classifier to give the
 logits of token t_i. Layout as in the authors' release (qk-norm LayerNorms, an extra LayerNorm
-before the adaLN final modulation); sizes per size preset in tb_model.config.
+before the adaLN final modulation); sizes per size preset in tb_model.config. Initial weights follow
+the release too (`_HeadBase.init_weights`; token tables N(0, 1), tests/test_init.py states every rule).
 
 `ParallelHead` (the paper's ablation) predicts all steps at once from cond alone: the same trunk
 without token embeddings, so the channels are conditionally independent given z.
@@ -119,8 +120,22 @@ class _HeadBase(nn.Module):
         self.classifiers = nn.ModuleList(nn.Linear(width, self.classes) for _ in range(self.steps))
 
     def init_weights(self) -> None:
-        """Authors' init (`init_layers`), N(0, 0.02) embeddings, zero adaLN (blocks start as identity)."""
+        """The released `initialize_weights` for the channel-AR part (names there in brackets).
+
+        Every Linear and LayerNorm by `init_layers`: xavier-uniform/0 (cond_proj [condition_proj],
+        attention, MLP, classifiers [channel_heads]), 1/0 (block norms, qk-norms, norm [channel_norm]);
+        token tables [token_embeddings] N(0, 1): the release never re-initialises them, so they keep
+        PyTorch's nn.Embedding default, drawn here explicitly so that a re-init after `to_empty()`
+        writes them too; pos_embed [channel_embed] and step_embed [timesteps_embeddings] N(0, 0.02);
+        the last Linear of every adaLN modulation (blocks and final [channel_final]) zero, weight and
+        bias, so every block starts as the identity (adaLN-Zero). With channel_group k > 1 the token
+        tables have levels**k rows (the release has no grouping) and take the same N(0, 1).
+        `ParallelHead` (no released counterpart) follows the same rules without token tables.
+        """
         init_layers(self)
+        for m in self.modules():
+            if isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, mean=0.0, std=1.0)  # = nn.Embedding.reset_parameters (no padding_idx)
         nn.init.normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.step_embed, std=0.02)
         for blk in [*self.blocks, self.final]:

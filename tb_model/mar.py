@@ -26,16 +26,23 @@ LN_EPS = 1e-6
 
 
 def init_layers(module: nn.Module) -> None:
-    """The authors' layer init: xavier-uniform Linear with zero bias, unit/zero LayerNorm, N(0, 0.02) Embedding."""
+    """The authors' `_init_weights` (MAR and TokenBridge `models/*.py`), applied to every submodule:
+    Linear weight xavier-uniform, Linear bias 0; LayerNorm weight 1, bias 0 (where affine).
+
+    Like the released rule it leaves every other module alone, nn.Embedding included: each owner
+    initialises its own tables (`MAR.init_weights`: class_emb N(0, 0.02); the head: its token tables
+    N(0, 1), PyTorch's default that the release keeps).
+    """
     for m in module.modules():
         if isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, std=0.02)
-        elif isinstance(m, nn.LayerNorm) and m.weight is not None:
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            if m.weight is not None:
+                nn.init.ones_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
 
 
 class Mlp(nn.Module):
@@ -159,7 +166,10 @@ class MAR(nn.Module):
         self.init_weights()
 
     def init_weights(self) -> None:
-        """The authors' init (see `init_layers`), N(0, 0.02) learned tokens and position embeddings."""
+        """The authors' `initialize_weights`: class_emb, fake_latent, mask_token and the three learned
+        position embeddings (output_pos_embed = MAR's diffusion_pos_embed_learned) N(0, 0.02); every
+        Linear and LayerNorm by `init_layers`. Writes every parameter (also after `to_empty()`)."""
+        nn.init.normal_(self.class_emb.weight, std=0.02)
         init_layers(self)
         for p in (self.fake_latent, self.mask_token, self.encoder_pos_embed_learned,
                   self.decoder_pos_embed_learned, self.output_pos_embed):

@@ -112,7 +112,8 @@ class TokenBridge(nn.Module):
         return save_weights(path, self.state_dict(), self.config, metadata)
 
     def init_weights(self) -> None:
-        """Re-initialize everything (e.g. after `to_empty()` of a meta-built model)."""
+        """Re-initialize everything (e.g. after `to_empty()` of a meta-built model), by the released
+        constructor's rules: `MAR.init_weights`, the head's `init_weights`, the quantizer's table."""
         self.mar.init_weights()
         self.head.init_weights()
         self.quantizer.reset_parameters()

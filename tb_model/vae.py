@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from tb_core.errors import InputError
 from tb_core.fileio import sha256_files
+from tb_core.paths import resolve_path
 
 KL16_SCALE = 0.2325
 LDM_SUFFIXES = (".ckpt", ".pt", ".pth")
@@ -315,7 +316,7 @@ def _read_folder(folder: Path) -> tuple[dict[str, Tensor], dict, list[Path]]:
 
 def load_vae(cfg: VAEConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> LatentVAE:
     """Build the VAE named by `cfg` from local files only, strictly (see the module docstring)."""
-    path = Path(cfg.path).expanduser()
+    path = resolve_path(cfg.path)
     if not path.exists():
         raise InputError(f"{path}: VAE weights not found (a local path is required; nothing is downloaded)")
     if cfg.arch not in ("auto", "kl16", "diffusers"):

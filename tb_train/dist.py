@@ -5,6 +5,10 @@ launcher, Slurm/submitit tasks, or as a plain single process (no launcher, no en
 the `env://` variables torch expects from whatever the launcher provided, picks the backend (nccl when a
 GPU is visible, gloo on CPU) and creates the process group through DeepSpeed so its communication layer
 is initialised too. The rest of the code only reads `DistInfo` and calls the small collectives below.
+
+Launcher variables are read through `tb_core.launcher` (the one reader); this module WRITES the `env://`
+ones torch needs and is the ONE home of the job-level collectives (`agree`, `agreed`, `any_flag`,
+`on_ranks`).
 """
 from __future__ import annotations
 
@@ -13,9 +17,16 @@ import socket
 import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as tdist
+
+from tb_core.errors import FollowerExit, TBError
+from tb_core.launcher import (is_slurm_task, launcher_ranks, slurm_job_id, slurm_nodelist,
+                              slurm_tasks_per_node)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -31,6 +42,12 @@ class DistInfo:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @classmethod
+    def for_rank(cls, rank: int, world: int, device: str | torch.device) -> "DistInfo":
+        """This process's place for the collectives (`agree`), given by a job that was handed its rank."""
+        device = torch.device(device)
+        return cls(rank, world, 0, world, "nccl" if device.type == "cuda" else "gloo", device)
+
 
 def free_port() -> int:
     """A TCP port free on this host now (for a rendezvous started by this process)."""
@@ -41,7 +58,7 @@ def free_port() -> int:
 
 def _slurm_master_addr() -> str:
     """First host of the Slurm allocation (what submitit and srun-based recipes use as rendezvous)."""
-    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    nodelist = slurm_nodelist()
     if not nodelist:
         return "127.0.0.1"
     try:
@@ -79,19 +96,15 @@ def export_env() -> None:
     nothing and becomes rank 0 of 1 on a free local port.
     """
     env = os.environ
-    if "RANK" not in env and "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        env["RANK"] = env["SLURM_PROCID"]
-        env["WORLD_SIZE"] = env["SLURM_NTASKS"]
-        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
-        env.setdefault("LOCAL_WORLD_SIZE", env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])
+    rank, world, local_rank = launcher_ranks(env)
+    if is_slurm_task(env):
+        env.setdefault("LOCAL_WORLD_SIZE", str(slurm_tasks_per_node(env)))
         env.setdefault("MASTER_ADDR", _slurm_master_addr())
-        env.setdefault("MASTER_PORT", str(job_port(env.get("SLURM_JOB_ID", "0"))))
-    if "RANK" not in env:
-        env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["LOCAL_WORLD_SIZE"] = "0", "1", "0", "1"
-        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(job_port(slurm_job_id(env) or "0")))
+    if "RANK" not in env and world == 1:
+        env.setdefault("LOCAL_WORLD_SIZE", "1")
         env.setdefault("MASTER_PORT", str(free_port()))
-    env.setdefault("LOCAL_RANK", "0")
-    env.setdefault("WORLD_SIZE", "1")
+    env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = str(rank), str(world), str(local_rank)
     env.setdefault("MASTER_ADDR", "127.0.0.1")
 
 
@@ -142,3 +155,49 @@ def shutdown() -> None:
     if tdist.is_initialized():
         tdist.barrier()
         tdist.destroy_process_group()
+
+
+def agree(dist: DistInfo, error: TBError | None) -> None:
+    """Collective: raise on every rank if any rank hit `error` (else return).
+
+    Rank 0 raises the failing rank's error (its own, or one carrying the lowest failing rank's message
+    and exit status), so the CLI prints one line; other ranks raise `FollowerExit` with that exit status,
+    which the CLI does not print. A rank that fails alone would otherwise leave the others waiting in
+    their next collective.
+    """
+    if not any_flag(error is not None, dist.device):
+        return
+    reports = [(dist.rank, str(error), error.exit_code) if error is not None else None]
+    if tdist.is_initialized() and tdist.get_world_size() > 1:
+        gathered: list[Any] = [None] * tdist.get_world_size()
+        tdist.all_gather_object(gathered, reports[0])
+        reports = gathered
+    rank, message, code = next(r for r in reports if r is not None)
+    if not dist.is_main:
+        raise FollowerExit(code)
+    if error is not None:
+        raise error
+    failure = TBError(f"rank {rank}: {message}")
+    failure.exit_code = code
+    raise failure
+
+
+def agreed(dist: DistInfo, fn: Callable[[], T]) -> T:
+    """`fn()` on every rank; a TBError on any rank is raised on all of them (see `agree`)."""
+    try:
+        result = fn()
+    except TBError as e:
+        agree(dist, e)
+        raise  # unreachable: agree raised
+    agree(dist, None)
+    return result
+
+
+def on_ranks(job: Callable[..., T], cfg: Any) -> T:
+    """`job(cfg, rank, world, device)` inside this process's place in the process group (torchrun, Slurm,
+    or a single process without a launcher); the group is torn down even when the job raises."""
+    dist = init_distributed()
+    try:
+        return job(cfg, dist.rank, dist.world, dist.device)
+    finally:
+        shutdown()

@@ -1,10 +1,9 @@
-"""Config files the code itself needs (ZeRO presets, the demo jobs, cluster presets), shipped in the package.
+"""The packaged config files: job recipes, model sizes, ZeRO presets, cluster presets.
 
-A name such as `zero2` or `demo` must resolve the same way from a source checkout and from a plain
-(non-editable) `pip install`, where no `configs/` folder exists. The files live in `tb_train/configs/`
-as package data; the top-level `configs/` folder of the repository is the user-facing recipe folder and
-holds identical copies of them (tests/test_structure.py fails if the two drift apart) beside the recipes
-the code never reads by name (the ImageNet jobs, the model sizes).
+A name such as `zero2`, `demo` or `imagenet256_L` must resolve the same way from a source checkout and
+from a plain (non-editable) `pip install`, where no repository folder exists. There is ONE copy of each
+file, in `tb_train/configs/` (package data); the repository's top-level `configs` is a symbolic link to
+it, so documented paths like `configs/jobs/imagenet256_L.yaml` keep working in a checkout.
 """
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ from pathlib import Path
 from tb_core.errors import ConfigError
 
 PACKAGED = Path(__file__).resolve().parent / "configs"
-KINDS = {"deepspeed": (".json",), "jobs": (".yaml", ".yml"), "cluster": (".yaml", ".yml")}
+KINDS = {"deepspeed": (".json",), "jobs": (".yaml", ".yml"), "cluster": (".yaml", ".yml"), "model": (".yaml", ".yml")}
 
 
 def packaged_names(kind: str) -> list[str]:

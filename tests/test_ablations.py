@@ -6,9 +6,9 @@ import torch
 
 from tb_model.quantizer import QuantizerConfig
 from tb_model.vae import VAEConfig, load_vae
-from tb_train import ablations as ab
-from tb_train.demo_data import DEMO_VAE
-from tb_train.digits import load_digit_extractor, real_images
+from tb_train.demo import ablations as ab
+from tb_train.demo.data import DEMO_VAE
+from tb_train.demo.digits import load_digit_extractor, real_images
 
 
 @pytest.fixture(scope="module")

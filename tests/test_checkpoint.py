@@ -11,8 +11,8 @@ import pytest
 
 from fixtures.engine import TrainSetup
 from tb_core.errors import CheckpointError
-from tb_train.checkpoint import LATEST, STATE_JSON, find_damage, plan_resume, prune
-from tb_train.train import EXIT_BAD_INPUT
+from tb_train.engine.checkpoint import LATEST, STATE_JSON, find_damage, plan_resume, prune
+from tb_train.train.job import EXIT_BAD_INPUT
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]   # the reference run has 2 ranks
 

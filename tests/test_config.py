@@ -81,6 +81,33 @@ def test_base_chain_and_missing_file(tmp_path):
         load_config(Job, loop)
 
 
+def test_a_section_composes_its_own_base_file(tmp_path):
+    """`optim: {_base_: ../parts/optim.yaml}` fills that section from a file relative to the job file."""
+    (tmp_path / "parts").mkdir()
+    (tmp_path / "jobs").mkdir()
+    write(tmp_path / "parts", "optim.yaml", {"lr": 2e-3, "betas": [0.7, 0.8]})
+    job = write(tmp_path / "jobs", "job.yaml", {"data": "/d", "optim": {"_base_": "../parts/optim.yaml", "lr": 5e-4}})
+    cfg = load_config(Job, job)
+    assert (cfg.optim.lr, cfg.optim.betas) == (5e-4, (0.7, 0.8))
+    missing = write(tmp_path / "jobs", "m.yaml", {"data": "/d", "optim": {"_base_": "nope.yaml"}})
+    with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
+        load_config(Job, missing)
+
+
+def test_imagenet_jobs_compose_the_model_files_people_read():
+    from tb_model.config import ModelConfig, resolve
+    from tb_train.recipes import config_path
+    from tb_train.train.job import TrainJobConfig
+
+    for size, width in (("L", 1024), ("H", 1280)):
+        cfg = load_config(TrainJobConfig, config_path(f"imagenet256_{size}", "jobs"), ["data.path=/d"])
+        alone = load_config(ModelConfig, config_path(size, "model"))
+        assert cfg.model.size == size and cfg.model.latent_channels == alone.latent_channels == 16
+        assert (cfg.model.channel_order, cfg.model.quantizer) == (alone.channel_order, alone.quantizer)
+        assert cfg.model.dropout == cfg.model.label_drop == 0.1  # the job's training keys on top of the file
+        assert resolve(cfg.model).width == resolve(alone).width == width
+
+
 def test_invalid_yaml_is_one_line(tmp_path):
     path = tmp_path / "broken.yaml"
     path.write_text("data: [1, 2\nsteps: 3\n")

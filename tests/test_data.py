@@ -11,7 +11,7 @@ import torch
 
 from fixtures.data import NUM_CLASSES, SCALE, decode_rows, write_latent_folder
 from tb_core.errors import ConfigError, InputError
-from tb_train.data import DataConfig, LatentLoader, epoch_order, epoch_views
+from tb_train.data.loader import DataConfig, LatentLoader, epoch_order, epoch_views
 
 N = 50  # samples in the folder; not a multiple of the global batches below, so tails are dropped
 

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tb_train.demo import train_args, train_subprocess
-from tb_train.sample import load_model
+from tb_train.demo.job import train_args, train_subprocess
+from tb_train.sample.job import load_model
 
 
 def losses(run_dir: Path) -> list[tuple[int, float]]:

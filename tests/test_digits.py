@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from tb_core.errors import InputError
-from tb_train.demo_data import demo_split, demo_splits, ensure_demo_images
-from tb_train.digits import (DIGITS_WEIGHTS, FEATURE_DIM, DigitTrainConfig, DigitExtractor, load_digit_extractor,
+from tb_train.demo.data import demo_split, demo_splits, ensure_demo_images
+from tb_train.demo.digits import (DIGITS_WEIGHTS, FEATURE_DIM, DigitTrainConfig, DigitExtractor, load_digit_extractor,
                              real_images, split_accuracy, train_classifier)
 
 

@@ -16,9 +16,9 @@ import torch
 
 from fixtures.engine import run_worker, tiny_model
 from tb_core.errors import ConfigError
-from tb_train.activation_ckpt import CheckpointedBlock, apply_activation_checkpointing, canonical_name
-from tb_train.engine import EngineConfig, deepspeed_config, validate_deepspeed_config
-from tb_train.optim import OptimConfig, lr_at, param_groups
+from tb_train.engine.activation_ckpt import CheckpointedBlock, apply_activation_checkpointing, canonical_name
+from tb_train.engine.engine import EngineConfig, deepspeed_config, validate_deepspeed_config
+from tb_train.engine.optim import OptimConfig, lr_at, param_groups
 
 STEPS = 5
 

@@ -12,9 +12,9 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fixtures.engine import TrainSetup
-from tb_train.checkpoint import read_latest
-from tb_train.ema import consolidate
-from tb_train.train import EXIT_BAD_INPUT, EXIT_NONFINITE, main
+from tb_train.engine.checkpoint import read_latest
+from tb_train.engine.ema import consolidate
+from tb_train.train.job import EXIT_BAD_INPUT, EXIT_NONFINITE, main
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -121,8 +121,8 @@ def test_nonfinite_steps_skipped_then_run_stops(train_setup):
 def test_data_model_mismatch_and_calibration_sample(train_setup):
     from tb_core.errors import ConfigError
     from tb_model.config import ModelConfig
-    from tb_train.data import DataConfig, LatentLoader
-    from tb_train.train import calibration_latents, check_data_matches_model
+    from tb_train.data.loader import DataConfig, LatentLoader
+    from tb_train.train.job import calibration_latents, check_data_matches_model
 
     loader = LatentLoader(DataConfig(path=str(train_setup.data), num_workers=0), 0, 1, 1)
     check_data_matches_model(loader, ModelConfig(latent_size=4, latent_channels=4, num_classes=10), "job.yaml")

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from tb_core.errors import InputError
-from tb_train import evaluate
-from tb_train.evaluate import (EvaluateJobConfig, feature_stats, frechet_distance, inception_score,
-                               precision_recall)
+from tb_train.eval import job as evaluate
+from tb_train.eval.job import EvaluateJobConfig
+from tb_train.eval.metrics import feature_stats, frechet_distance, inception_score, precision_recall
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -129,7 +129,8 @@ def test_tb_eval_equals_torch_fidelity_on_the_same_images(image_sets, inception_
         isc_splits=3, samples_shuffle=False, feature_extractor="inception-v3-compat", feature_layer_prc="2048",
         feature_extractor_weights_path=str(inception_weights), cuda=False, cache=False, verbose=False,
         save_cpu_ram=True, batch_size=8)
-    ours = _eval(image_sets["b"], image_sets["a"], inception_weights, splits=3, out=str(tmp_path / "m.json"))
+    ours = _eval(image_sets["b"], image_sets["a"], inception_weights, splits=3, out=str(tmp_path / "m.json"),
+                 protocol="equal_splits")  # torch-fidelity's IS splits and float32 P/R distances
     assert ours["fid"] > 1e-3
     assert ours["fid"] == pytest.approx(theirs["frechet_inception_distance"], rel=1e-4)
     assert ours["is_mean"] == pytest.approx(theirs["inception_score_mean"], rel=1e-5)
@@ -150,7 +151,7 @@ def test_fid_self_zero_and_growing_with_shift_through_inception(image_sets, ince
 
 def test_adm_reference_statistics_and_sfid(image_sets, inception_weights, tmp_path) -> None:
     """An ADM-style file: mu/sigma (and mu_s/sigma_s) are used as given; arr_0 only for precision/recall."""
-    from tb_train.inception import InceptionExtractor
+    from tb_train.eval.inception import InceptionExtractor
 
     imgs = np.load(image_sets["b"])["arr_0"]
     feats = InceptionExtractor(inception_weights)(torch.from_numpy(imgs).permute(0, 3, 1, 2))
@@ -162,6 +163,13 @@ def test_adm_reference_statistics_and_sfid(image_sets, inception_weights, tmp_pa
     out = _eval(image_sets["b"], ref, inception_weights, splits=2, out=str(tmp_path / "m.json"))
     assert out["fid"] == pytest.approx(0, abs=1e-6) and out["sfid"] == pytest.approx(0, abs=1e-6)
     assert out["precision"] < 1.0  # against arr_0 = set a, not the statistics' set b
+    # set a against b's statistics: sFID is the Fréchet distance of the SPATIAL features (not of pool3)
+    other = _eval(image_sets["a"], ref, inception_weights, splits=2, out=str(tmp_path / "a.json"))
+    feats_a = InceptionExtractor(inception_weights)(torch.from_numpy(np.load(image_sets["a"])["arr_0"]).permute(0, 3, 1, 2))
+    expected_sfid = frechet_distance(*feature_stats(feats_a["spatial"]), mu_s, sigma_s)
+    expected_fid = frechet_distance(*feature_stats(feats_a["pool"]), mu, sigma)
+    assert other["sfid"] == pytest.approx(expected_sfid, rel=1e-6) and other["fid"] == pytest.approx(expected_fid, rel=1e-6)
+    assert abs(other["sfid"] - other["fid"]) > 0.01 * other["fid"] > 0
 
 
 @pytest.mark.slow
@@ -172,7 +180,7 @@ def test_two_rank_tb_eval_equals_one_rank(image_sets, inception_weights, tmp_pat
 
     def run(world: int, out: Path) -> dict:
         port = free_port()
-        argv = [sys.executable, "-m", "tb_train.evaluate", f"samples={image_sets['b']}",
+        argv = [sys.executable, "-m", "tb_train.eval", f"samples={image_sets['b']}",
                 f"reference={image_sets['shift20']}", f"inception_weights={inception_weights}", "splits=2",
                 f"out={out}", "batch_size=5", "protocol=paper"]
         procs = []

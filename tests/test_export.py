@@ -12,9 +12,9 @@ from tb_core.config import from_dict
 from tb_model.config import ModelConfig
 from tb_model.registry import create
 from tb_model.tokenbridge import TokenBridge
-from tb_train.ema import consolidate
-from tb_train.export import main
-from tb_train.rng import MODEL_SEED_STREAM, derive_seed
+from tb_train.engine.ema import consolidate
+from tb_train.engine.export import main
+from tb_train.engine.rng import MODEL_SEED_STREAM, derive_seed
 
 
 def _plain_load(path) -> torch.nn.Module:

@@ -4,8 +4,10 @@ The project is copied (setup files and the three packages only) and installed wi
 `pip install --no-deps --no-build-isolation --target SITE` — the dependencies come from the test
 environment, so nothing is downloaded. Every check then runs with PYTHONPATH=SITE from an empty
 temporary folder: the console scripts answer `--help`, every data file of the packages was shipped,
-and a copied job file resolves `engine.deepspeed=zero3` to the packaged ZeRO preset, not to a
-`configs/` folder of the checkout.
+a copied job file resolves `engine.deepspeed=zero3` to the packaged ZeRO preset, not to a `configs/`
+folder of the checkout, and the packaged demo configs run from any folder: `tb-precompute --config
+precompute_demo` (its `demo:` input comes through the installed entry point) then `tb-train --config demo`
+(its VAE is a `pkg:` path into the installed package).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("tb_core", "tb_model", "tb_train")
 SETUP_FILES = ("setup.cfg", "pyproject.toml", "README.md")
-DATA_DIRS = ("tb_train/configs", "tb_train/assets")
+DATA_DIRS = ("tb_train/configs", "tb_train/demo/assets")
 
 pytestmark = pytest.mark.slow
 
@@ -37,8 +39,8 @@ _TRAIN_CHECK = """
 import sys
 import tb_train
 from tb_core.config import load_config
-from tb_train.engine import deepspeed_config, resolve_deepspeed_file
-from tb_train.train import TrainJobConfig
+from tb_train.engine.engine import deepspeed_config, resolve_deepspeed_file
+from tb_train.train.job import TrainJobConfig
 cfg = load_config(TrainJobConfig, sys.argv[1], ["engine.deepspeed=zero3", "data.path=" + sys.argv[2]])
 ds = deepspeed_config(cfg.engine, cfg.optim, cfg.data.micro_batch, 1)
 print(tb_train.__file__)
@@ -97,3 +99,17 @@ def test_copied_job_file_resolves_zero3_from_package_data(site, tmp_path):
     assert stage == "3"
     res = _run(site, tmp_path, str(site / "bin" / "tb-train"), "--config", str(job), "engine.deepspeed=zero3", "--help")
     assert res.returncode == 0 and "--config" in res.stdout, res.stderr[-2000:]
+
+
+def test_packaged_demo_configs_run_from_any_folder(site, tmp_path):
+    latents, run = tmp_path / "latents", tmp_path / "run"
+    res = _run(site, tmp_path, str(site / "bin" / "tb-precompute"), "--config", "precompute_demo",
+               f"input=demo:{tmp_path / 'images'}", f"output={latents}", "num_workers=0", "progress=false")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (latents / "manifest.json").is_file()
+    res = _run(site, tmp_path, str(site / "bin" / "tb-train"), "--config", "demo", f"data.path={latents}",
+               f"run.dir={run}", "run.max_steps=2", "data.num_workers=0", "metrics.image_every=2",
+               "samples.num_images=2", "eval.every_steps=0")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    assert list((run / "tensorboard").glob("events.*"))  # the grid decoded through the packaged VAE

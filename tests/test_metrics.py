@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tb_train.metrics import MetricsConfig, MetricsLogger, measure_peak_flops
+from tb_train.train.logger import MetricsConfig, MetricsLogger, measure_peak_flops
 
 
 class FakeClock:

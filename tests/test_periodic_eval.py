@@ -10,10 +10,12 @@ import pytest
 import torch
 
 from tb_model.vae import VAEConfig, load_vae
-from tb_train.digits import load_digit_extractor
+from tb_train.demo.digits import load_digit_extractor
 from tb_train.dist import DistInfo
-from tb_train.periodic_eval import EvalConfig, PeriodicEval
-from tb_train.sample import Sampler, SamplingConfig, to_uint8
+from tb_train.train.periodic_eval import EvalConfig, PeriodicEval
+from tb_train.eval.adm import adm_inception_score
+from tb_train.eval.metrics import feature_stats, frechet_distance
+from tb_train.sample.sampler import Sampler, SamplingConfig, to_uint8
 
 from fixtures.engine import run_job, write_latent_folder, LATENT_C, LATENT_HW, NUM_CLASSES
 
@@ -94,7 +96,7 @@ def test_hook_is_deterministic_and_skips_evaluated_steps_after_load(tiny_vae_dir
     model = create("tiny", latent_size=4, latent_channels=4, num_classes=10).eval()
     cfg = EvalConfig(every_steps=2, num_samples=6, splits=2, extractor="digits",
                      reference=str(reference_images(tmp_path / "ref.npz")),
-                     sampling=SamplingConfig(num_iter=2, cfg=2.0, batch_size=4))
+                     sampling=SamplingConfig(num_iter=2, guidance=2.0, batch_size=4))
     writer = SummaryWriter(str(tmp_path / "run" / "tensorboard"))
     trainer = FakeTrainer(model, writer)
     hook = PeriodicEval(cfg, VAEConfig(path=str(tiny_vae_dir)))
@@ -109,8 +111,15 @@ def test_hook_is_deterministic_and_skips_evaluated_steps_after_load(tiny_vae_dir
     # class-consistency: the digit classifier's argmax on the same 6 samples vs the asked class i % 10
     sampler = Sampler(model, load_vae(VAEConfig(path=str(tiny_vae_dir))), cfg.sampling)
     images = to_uint8(sampler.images([i % 10 for i in range(6)], range(6), cfg.seed)).permute(0, 3, 1, 2)
-    right = (load_digit_extractor()(images)["logits"].argmax(1) == torch.arange(6) % 10).float().mean()
+    extractor = load_digit_extractor()
+    feats = extractor(images)
+    right = (feats["logits"].argmax(1) == torch.arange(6) % 10).float().mean()
     assert hook.history[2]["class_consistency"] == pytest.approx(float(right), abs=1e-6)
+    # FID and IS equal the metric functions on the same 6 samples and the reference's 8 images
+    ref_feats = extractor(torch.from_numpy(np.load(tmp_path / "ref.npz")["arr_0"]).permute(0, 3, 1, 2))
+    fid = frechet_distance(*feature_stats(feats["pool"]), *feature_stats(ref_feats["pool"]))
+    assert hook.history[2]["fid"] == pytest.approx(fid, rel=1e-5)
+    assert hook.history[2]["is"] == pytest.approx(adm_inception_score(feats["logits"])[0], rel=1e-6)
 
     resumed = PeriodicEval(cfg, VAEConfig(path=str(tiny_vae_dir)))
     resumed.load_state_dict(hook.state_dict())
@@ -121,7 +130,7 @@ def test_hook_is_deterministic_and_skips_evaluated_steps_after_load(tiny_vae_dir
 
 def test_eval_config_checks(tmp_path) -> None:
     from tb_core.errors import ConfigError
-    from tb_train.periodic_eval import check_eval_config
+    from tb_train.train.periodic_eval import check_eval_config
 
     check_eval_config(EvalConfig(), "job.yaml", None)  # off: nothing required
     with pytest.raises(ConfigError, match="eval.reference is required"):

@@ -15,9 +15,9 @@ import torch
 from fixtures.precompute import CORRUPT, make_tars, run_cli, tiny_vae
 from tb_model.quantizer import DimensionwiseQuantizer, QuantizerConfig
 from tb_core.config import load_config
-from tb_train.precompute import PrecomputeConfig, launcher_ranks, main, run, sidecar_name
+from tb_train.data.precompute import PrecomputeConfig, launcher_ranks, main, run, sidecar_name
 from tb_core.errors import InputError
-from tb_train.shards import LatentShards, shard_name
+from tb_train.data.shards import LatentShards, shard_name
 
 PER_SHARD = 5
 BATCH = 3  # does not divide PER_SHARD: batches must still stop at shard boundaries
@@ -103,7 +103,7 @@ def test_two_processes_make_the_same_shards(tmp_path, reference, image_dir, tiny
 
 _SLOW_WRITER = """
 import sys, time
-import tb_train.precompute as p
+import tb_train.data.precompute as p
 orig = p._write_shard_files
 def slow(*a, **k):
     info = orig(*a, **k)

@@ -12,10 +12,10 @@ from PIL import Image
 
 from tb_model.vae import VAEConfig, load_vae
 from tb_core.config import load_config
-from tb_train.demo_data import DEMO_CLASSES, DEMO_VAE, demo_digits, ensure_demo_images
-from tb_train.images import ImageDataset, adm_center_crop, list_images, to_rgb8
-from tb_train.precompute import PrecomputeConfig, run
-from tb_train.shards import LatentShards
+from tb_train.demo.data import DEMO_CLASSES, DEMO_VAE, demo_digits, ensure_demo_images
+from tb_train.data.images import ImageDataset, adm_center_crop, list_images, to_rgb8
+from tb_train.data.precompute import PrecomputeConfig, run
+from tb_train.data.shards import LatentShards
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -20,9 +20,9 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fixtures.engine import SAMPLES, TrainSetup
-from tb_train.checkpoint import read_latest
-from tb_train.ema import consolidate
-from tb_train.train import EXIT_PREEMPTED
+from tb_train.engine.checkpoint import read_latest
+from tb_train.engine.ema import consolidate
+from tb_train.train.job import EXIT_PREEMPTED
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 

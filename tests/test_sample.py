@@ -14,8 +14,9 @@ import torch
 
 from tb_core.errors import ConfigError
 from tb_model.vae import VAEConfig
-from tb_train import sample
-from tb_train.sample import SampleJobConfig, SamplingConfig, run_sample
+from tb_train.sample import job as sample
+from tb_train.sample.job import SampleJobConfig, run_sample
+from tb_train.sample.sampler import Sampler, SamplingConfig
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 10
@@ -39,7 +40,7 @@ def model_file(tmp_path_factory) -> Path:
 
 
 def job(model_file: Path, vae: Path, out: Path, batch: int, **kw) -> SampleJobConfig:
-    settings = SamplingConfig(num_iter=4, cfg=2.0, temperature=1.0, batch_size=batch)
+    settings = SamplingConfig(num_iter=4, guidance=2.0, temperature=1.0, batch_size=batch)
     return SampleJobConfig(model=str(model_file), out=str(out), vae=VAEConfig(path=str(vae)), num_samples=20,
                            seed=3, sampling=settings, grid_classes=3, grid_per_class=2, **kw)
 
@@ -75,7 +76,7 @@ def _two_rank_sample(cfg: SampleJobConfig, log: Path) -> str:
     port = free_port()
     argv = [sys.executable, "-m", "tb_train.sample", f"model={cfg.model}", f"out={cfg.out}", f"vae.path={cfg.vae.path}",
             f"num_samples={cfg.num_samples}", f"seed={cfg.seed}", f"sampling.num_iter={cfg.sampling.num_iter}",
-            f"sampling.cfg={cfg.sampling.cfg}", f"sampling.batch_size={cfg.sampling.batch_size}",
+            f"sampling.guidance={cfg.sampling.guidance}", f"sampling.batch_size={cfg.sampling.batch_size}",
             f"grid_classes={cfg.grid_classes}", f"grid_per_class={cfg.grid_per_class}"]
     procs = []
     for r in range(2):
@@ -131,7 +132,7 @@ def test_tb_sample_same_images_for_any_world_batch_and_after_a_crash(model_file,
     meta = json.loads((tmp_path / "b" / "samples.json").read_text())
     assert meta["complete"] and meta["world_size"] == 2 and meta["model_step"] == 7
     assert "round_half_even" in meta["uint8_rule"] and meta["labels_rule"].startswith("balanced")
-    for key in ("num_iter", "cfg", "cfg_schedule", "temperature", "order", "precision", "seed", "vae"):
+    for key in ("num_iter", "guidance", "guidance_schedule", "temperature", "order", "precision", "seed", "vae"):
         assert key in meta
     from PIL import Image
     with Image.open(tmp_path / "a" / "grid.png") as grid:  # 3 classes x 2 samples of 8x8, padding 2
@@ -172,6 +173,21 @@ def test_given_labels_and_bf16_settings(model_file, tiny_vae_dir, tmp_path) -> N
     names = sorted(p.name for p in (tmp_path / "l").glob("*_c*.png"))
     assert names == ["000000_c0003.png", "000001_c0003.png", "000002_c0010.png", "000003_c0000.png"]
     assert np.load(tmp_path / "l" / "samples.npz")["arr_1"].tolist() == [3, 3, 10, 0]
+
+
+@pytest.mark.parametrize("precision,dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_sampler_runs_the_model_in_the_precision_it_is_given(precision, dtype) -> None:
+    """Every Linear of the MAR and the head computes in `precision` (a Sampler ignoring it would run fp32);
+    the latents handed to the VAE are float32 either way."""
+    model = tiny_model()
+    seen: set[torch.dtype] = set()
+    hooks = [m.register_forward_hook(lambda mod, inp, out: seen.add(out.dtype))
+             for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    settings = SamplingConfig(num_iter=2, guidance=2.0, batch_size=2, precision=precision)
+    latents = Sampler(model, None, settings).latents([1, 2], [0, 1], seed=0)
+    for h in hooks:
+        h.remove()
+    assert seen == {dtype} and latents.dtype == torch.float32 and latents.shape == (2, 4, 4, 4)
 
 
 @pytest.mark.slow

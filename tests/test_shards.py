@@ -11,7 +11,7 @@ import webdataset as wds
 
 from tb_core.errors import InputError
 from tb_core.fileio import sha256_file
-from tb_train.shards import (
+from tb_train.data.shards import (
     FORMAT, LatentShards, sample_key, shard_name, write_shard,
 )
 

@@ -19,7 +19,7 @@ import pytest
 import numpy as np
 
 from fixtures.engine import TrainSetup, read_jsonl
-from tb_train.checkpoint import read_latest
+from tb_train.engine.checkpoint import read_latest
 from tb_train.launch import records
 from tb_train.launch.status import report
 from tb_train.launch.submit import main as submit_main
@@ -197,7 +197,7 @@ def test_scancel_does_not_requeue(slurm_cluster, setup, capsys):
 @pytest.mark.slow
 def test_precompute_two_tasks_equals_one_process(slurm_cluster, tmp_path, capsys, image_dir, tiny_vae_dir):
     from tb_core.config import load_config
-    from tb_train.precompute import PrecomputeConfig, run as precompute
+    from tb_train.data.precompute import PrecomputeConfig, run as precompute
 
     args = [f"input={image_dir}", f"vae.path={tiny_vae_dir}", "resolution=16", "batch_size=3",
             "samples_per_shard=5", "num_workers=0", "progress=false"]

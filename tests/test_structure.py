@@ -1,5 +1,6 @@
-"""The shape of the code base: no import cycles, a model package that stands alone, packaged configs that
-equal the user-facing copies, and dependencies that are declared exactly where they are imported.
+"""The shape of the code base: no import cycles, a model package that stands alone, tb_train's
+sub-packages in layers that never import upwards, a demo app nothing else imports, one copy of each
+config file, one job registry that setup.cfg follows, and dependencies declared exactly where imported.
 
 Everything here reads source files (AST), so it is fast and needs no GPU, network or DeepSpeed.
 """
@@ -127,7 +128,7 @@ def test_imports_are_read_at_every_level(tmp_path):
     src = tmp_path / "mod.py"
     src.write_text(
         "from typing import TYPE_CHECKING\nimport numpy as np\nfrom . import sib\nfrom ..up import thing\n"
-        "if TYPE_CHECKING:\n    from tb_train.train import Trainer\n"
+        "if TYPE_CHECKING:\n    from tb_train.train.job import Trainer\n"
         "def f():\n    import deepspeed\n    from .x.y import z\n")
     got = _imports(src, "tb_model.sub.mod")
     assert got == [("typing", ["TYPE_CHECKING"], True), ("numpy", [], True), ("tb_model.sub", ["sib"], True),
@@ -136,7 +137,7 @@ def test_imports_are_read_at_every_level(tmp_path):
 
 def test_no_import_cycles():
     graph = _graph()
-    assert len(graph) > 30 and graph["tb_model.registry"] >= {"tb_model.tokenbridge", "tb_model.config"}
+    assert len(graph) > 50 and graph["tb_model.registry"] >= {"tb_model.tokenbridge", "tb_model.config"}
     cycle = _find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
@@ -165,15 +166,80 @@ def test_lower_packages_do_not_reach_up(package, forbidden):
         assert not reach, f"{module} reaches {sorted(reach)}"
 
 
-def test_packaged_configs_equal_the_user_facing_copies():
-    packaged = ROOT / "tb_train" / "configs"
-    pairs = [(p, ROOT / "configs" / p.relative_to(packaged)) for p in sorted(packaged.rglob("*"))
-             if p.is_file() and p.suffix in (".json", ".yaml", ".yml")]
-    assert len(pairs) >= 6  # the ZeRO presets and the demo jobs at least
-    both = [(a, b) for a, b in pairs if b.is_file()]
-    assert {a.name for a, _ in both} >= {"zero2.json", "zero3.json", "demo.yaml"}
-    drifted = [str(a.relative_to(ROOT)) for a, b in both if a.read_bytes() != b.read_bytes()]
-    assert not drifted, f"packaged configs differ from configs/: {drifted}"
+# tb_train's layers, bottom first: a module may import its own sub-package and any LOWER layer, never a
+# sibling in its own layer or anything above (the demo app is on top: nothing imports it). The base
+# layer's modules (entry points and job registry, config names, ranks and collectives) use each other.
+LAYERS = (
+    ("tb_train.cli", "tb_train.recipes", "tb_train.dist", "tb_train.__main__"),
+    ("tb_train.data", "tb_train.engine"),
+    ("tb_train.sample",),
+    ("tb_train.eval",),
+    ("tb_train.train",),
+    ("tb_train.launch",),
+    ("tb_train.demo",),
+)
+
+
+def _layer_of(module: str) -> tuple[int, str]:
+    for i, group in enumerate(LAYERS):
+        for unit in group:
+            if module == unit or module.startswith(unit + "."):
+                return i, unit
+    raise AssertionError(f"{module} is in no layer of tests/test_structure.py LAYERS: place it there")
+
+
+def test_layer_finder_rejects_an_upward_import():
+    assert _layer_of("tb_train.engine.checkpoint") == (1, "tb_train.engine")
+    assert _layer_of("tb_train.train.__main__") == (4, "tb_train.train")
+    with pytest.raises(AssertionError):
+        _layer_of("tb_train.newthing")
+
+
+def test_tb_train_sub_packages_import_only_lower_layers():
+    """Function-level imports count too: a lazy import is still a dependency."""
+    bad = []
+    for module, targets in _graph().items():
+        if not module.startswith("tb_train.") or module == "tb_train":
+            continue
+        layer, unit = _layer_of(module)
+        for target in targets:
+            if not target.startswith("tb_train.") or target == "tb_train":
+                continue
+            t_layer, t_unit = _layer_of(target)
+            if t_layer > layer or (t_layer == layer > 0 and t_unit != unit):
+                bad.append(f"{module} -> {target}")
+    assert not bad, "imports that climb a layer (or cross to a sibling): " + ", ".join(sorted(bad))
+
+
+def test_nothing_outside_the_demo_imports_it():
+    users = sorted(m for m, targets in _graph().items() if not m.startswith("tb_train.demo")
+                   and any(t == "tb_train.demo" or t.startswith("tb_train.demo.") for t in targets))
+    assert not users, f"framework modules import the demo app: {users}"
+    tools = [p.name for p in sorted((ROOT / "tools").glob("*.py")) if "tb_train.demo" in p.read_text()
+             and p.name not in ("train_demo_vae.py", "bench_precompute.py")]
+    assert not tools, f"benchmarks import the demo app: {tools}"
+
+
+def test_one_copy_of_each_config_file():
+    """The packaged configs are the only copy; the repository's `configs` is a link to them."""
+    link = ROOT / "configs"
+    assert link.is_symlink() and link.resolve() == (ROOT / "tb_train" / "configs").resolve()
+    files = [p for p in sorted((ROOT / "tb_train").rglob("*")) if p.suffix in (".yaml", ".yml", ".json")
+             and p.is_file() and "assets" not in p.parts]
+    assert len(files) >= 15
+    seen: dict[bytes, Path] = {}
+    same = [(seen.setdefault(p.read_bytes(), p), p) for p in files if p.read_bytes() in seen]
+    assert not same, f"identical config files: {[(str(a), str(b)) for a, b in same]}"
+
+
+def test_setup_cfg_console_scripts_follow_the_job_registry():
+    from tb_train.cli import JOBS, console_scripts
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    declared = dict(line.split(" = ") for line in cfg["options.entry_points"]["console_scripts"].split("\n") if line)
+    assert declared == console_scripts()
+    assert set(JOBS) >= {"precompute", "train", "export", "sample", "eval", "submit", "demo"}
 
 
 def _canonical(dist: str) -> str:

@@ -26,7 +26,7 @@ TOOLS = Path(__file__).resolve().parent
 ROOT = TOOLS.parent
 sys.path.insert(0, str(ROOT))
 
-from tb_train.report import machine_info, markdown_table  # noqa: E402
+from tb_core.measure import machine_info, markdown_table  # noqa: E402
 
 Row = tuple[str, str, str, str]   # benchmark, figure, value, note
 NUM = r"[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?"

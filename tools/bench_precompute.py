@@ -6,7 +6,7 @@
 Images are synthetic photo-like JPEGs of `--source-size` (short side; the long side 1.25x) written to a
 temporary ImageFolder tree, so the job pays real decode + ADM crop. "bare encoder" encodes the same images
 already decoded and cropped in memory (uint8), image and flip in one call, exactly as the job does
-(`_encode_batch`); "job" is `tb_train.precompute.run` end to end into a fresh folder (listing, VAE load,
+(`_encode_batch`); "job" is `tb_train.data.precompute.run` end to end into a fresh folder (listing, VAE load,
 decoding in DataLoader workers, shard writing, manifest). Both count input images per second.
 `--vae kl16` uses a random-init KL-16 (the paper's architecture; speed does not depend on the weights).
 """
@@ -23,9 +23,9 @@ from PIL import Image
 
 from tb_model.vae import VAEConfig, kl16_config, load_vae
 from tb_core.config import load_config
-from tb_train.demo_data import DEMO_VAE
-from tb_train.images import ImageDataset, list_images
-from tb_train.precompute import PrecomputeConfig, _encode_batch, _resolve_device, run
+from tb_train.demo.data import DEMO_VAE
+from tb_train.data.images import ImageDataset, list_images
+from tb_train.data.precompute import PrecomputeConfig, _encode_batch, _resolve_device, run
 
 
 def _write_images(root: Path, n: int, short: int, classes: int = 10) -> None:

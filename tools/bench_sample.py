@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -26,18 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tb_core.measure import cpu_model  # noqa: E402
 from tb_model.registry import create  # noqa: E402
-from tb_train.sample import sample_seed  # noqa: E402
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from tb_train.sample.sampler import sample_seed  # noqa: E402
 
 
 def time_generate(model, labels, num_iter: int, cfg: float, official: bool, precision: str, device) -> tuple[float, torch.Tensor]:
@@ -78,7 +68,7 @@ def bench_sampling(args, device) -> list[str]:
 
 
 def bench_eval(args, device) -> str:
-    from tb_train.inception import InceptionExtractor, write_random_weights
+    from tb_train.eval.inception import InceptionExtractor, write_random_weights
 
     with tempfile.TemporaryDirectory() as tmp:
         path = write_random_weights(Path(tmp) / "inception.pth")
@@ -115,7 +105,7 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
     print(f"# {where}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, load average {os.getloadavg()[0]:.1f}", flush=True)
     print("| size | batch | num_iter | cfg | precision | default img/s | official img/s | official/default | same latents |")

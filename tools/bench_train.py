@@ -1,11 +1,11 @@
 """Training benchmark (a measurement, not a test): MFU, activation-checkpointing cost, ZeRO memory per rank.
 
-Runs the real training engine (tb_train.engine.build_engine: DeepSpeed, AdamW, EMA) on random latents,
+Runs the real training engine (tb_train.engine.engine.build_engine: DeepSpeed, AdamW, EMA) on random latents,
 each configuration in a fresh subprocess so that its memory figures are its own:
 
 1. checkpointing none / full / every_2 × fp32 / bf16, one process, ZeRO stage 0 (`--ckpt-stage`):
    step time; model FLOP/s (model.flops_per_sample() × samples / step time, recomputation not counted)
-   ÷ the GEMM FLOP/s of the same dtype measured in the same process (tb_train.metrics.measure_peak_flops);
+   ÷ the GEMM FLOP/s of the same dtype measured in the same process (tb_train.train.logger.measure_peak_flops);
    activation memory = RSS after a training-mode forward (graph alive) − RSS before it; step peak =
    highest RSS during a step − RSS before it (activations + gradients + temporaries).
 2. ZeRO stage 0 / 1 / 2 / 3 at 2 ranks (gloo): bytes per rank of the parameter storage the rank holds
@@ -105,8 +105,8 @@ def _engine(args: argparse.Namespace, stage: int, dtype: str, policy: str, micro
             model_items: list[str]):
     from tb_model.registry import create
     from tb_train.dist import init_distributed
-    from tb_train.engine import EngineConfig, build_engine
-    from tb_train.optim import OptimConfig
+    from tb_train.engine.engine import EngineConfig, build_engine
+    from tb_train.engine.optim import OptimConfig
 
     model_cfg = _model_config(args, model_items)
     dist = init_distributed()
@@ -120,8 +120,8 @@ def _engine(args: argparse.Namespace, stage: int, dtype: str, policy: str, micro
 
 def _batch(engine, micro_batch: int, step: int, micro_id: int):
     import torch
-    from tb_train.engine import MicroInput
-    from tb_train.rng import MODEL_STREAM, NOISE_STREAM, derive_seed
+    from tb_train.engine.engine import MicroInput
+    from tb_train.engine.rng import MODEL_STREAM, NOISE_STREAM, derive_seed
 
     cfg = engine.module.config
     g = torch.Generator().manual_seed(derive_seed(0, step, micro_id, NOISE_STREAM))
@@ -134,7 +134,7 @@ def ckpt_worker(args: argparse.Namespace) -> dict:
     """Part 1, one process: step time, MFU against this process's GEMM peak, activation memory."""
     import torch
     from tb_train.dist import shutdown
-    from tb_train.metrics import measure_peak_flops
+    from tb_train.train.logger import measure_peak_flops
 
     torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32

@@ -9,6 +9,7 @@ if ! command -v g++ >/dev/null 2>&1; then
   apt-get update -qq && apt-get install -y -qq build-essential >/dev/null
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
+rm -rf tokenbridge.egg-info  # a stale one in the checkout would shadow the fresh entry points (plugins) below
 # torch/torchvision pins and the project must be in ONE pip command, or the resolver may pick a torchvision built for another torch.
 .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
 .venv/bin/python -m pip check

@@ -1,6 +1,6 @@
 """Train the small continuous KL-VAE of the demo on the embedded digits (CPU, a few minutes).
 
-    python tools/train_demo_vae.py [--out tb_train/assets/demo_vae] [--steps 500] [--grid /tmp/recon.png]
+    python tools/train_demo_vae.py [--out tb_train/demo/assets/demo_vae] [--steps 500] [--grid /tmp/recon.png]
 
 Architecture: diffusers AutoencoderKL, block_out_channels (32, 32, 64), one ResNet block per level, no
 attention, 4 latent channels; 32×32 images → 8×8×4 latents (downsample 4), ~0.7M parameters (2.8 MB
@@ -21,7 +21,7 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 
-from tb_train.demo_data import DEMO_SIZE, demo_digits
+from tb_train.demo.data import DEMO_SIZE, demo_digits
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "tb_train" / "assets" / "demo_vae"
 KL_WEIGHT = 1e-4

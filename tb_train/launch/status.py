@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tb_core.errors import InputError
+from tb_train.engine.checkpoint import CHECKPOINTS, read_latest
 from tb_train.launch import records
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
@@ -77,8 +78,7 @@ def wait_for(run_dir: str | Path, entry: dict[str, Any], timeout_s: float, poll_
 
 
 def last_checkpoint(run_dir: str | Path) -> str | None:
-    latest = Path(run_dir) / "checkpoints" / "latest"
-    return latest.read_text().strip() if latest.exists() else None
+    return read_latest(Path(run_dir) / CHECKPOINTS)
 
 
 def report(run_dir: str | Path) -> str:

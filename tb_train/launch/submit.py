@@ -28,7 +28,8 @@ from typing import Any
 
 from tb_core.config import deep_merge, parse_overrides, read_yaml
 from tb_core.errors import ConfigError
-from tb_train.cli import run_main
+from tb_train.cli import JOBS as CLI_JOBS
+from tb_train.cli import job_parser, load_job_config, run_main
 from tb_train.launch import records
 from tb_train.launch.cluster import ClusterConfig, load_cluster
 from tb_train.launch.status import report, wait_for
@@ -36,8 +37,7 @@ from tb_train.launch.task import JobTask
 from tb_train.recipes import config_path
 
 PROG = "tb-submit"
-JOBS = {"precompute": "tb_train.precompute", "train": "tb_train.train", "sample": "tb_train.sample",
-        "eval": "tb_train.evaluate"}
+JOBS = {name: job.module for name, job in CLI_JOBS.items() if job.on_ranks}  # what runs one task per GPU
 
 
 class _Parser(argparse.ArgumentParser):
@@ -88,15 +88,16 @@ def _job_argv(config: str | None, overrides: list[str]) -> list[str]:
 
 
 def validate_job_config(module: str, argv: list[str]) -> None:
-    """Load the job's config now (if the module exposes `load_job_config(argv)`), so a typo fails here
-    with its one-line error instead of after hours in the queue."""
-    loader = getattr(importlib.import_module(module), "load_job_config", None)
-    if loader is None:
+    """Load a registered job's config now, so a typo fails here with its one-line error instead of after
+    hours in the queue (a job given as a dotted module path is not checked)."""
+    job = next((j for j in CLI_JOBS.values() if j.module == module and j.config), None)
+    if job is None:
         return
     try:
-        loader(argv)
+        args = job_parser(job).parse_args(argv)
     except SystemExit as e:  # the job's argparse rejected argv (it printed why)
         raise ConfigError(f"{module}: rejected the job arguments {' '.join(argv)}") from e
+    load_job_config(job, args)
 
 
 def default_run_dir(job: str, config: str | None, overrides: list[str]) -> Path:

@@ -29,6 +29,7 @@ from typing import Any, Callable
 import submitit
 from submitit.core.utils import UncompletedJobError
 
+from tb_core.launcher import slurm_job_id, slurm_restart_count
 from tb_train.dist import export_task_env
 from tb_train.launch import records
 
@@ -80,7 +81,8 @@ class JobTask(submitit.helpers.Checkpointable):
         record = None
         if rank == 0:
             done = len(records.read_attempts(self.run_dir, env.job_id))
-            attempt = int(os.environ.get("SLURM_RESTART_COUNT", done))
+            restarts = slurm_restart_count()
+            attempt = done if restarts is None else restarts
             record = records.start_attempt(self.run_dir, self.job, env.job_id, attempt, world)
         try:
             status = int(importlib.import_module(self.module).main(list(self.argv)) or 0)
@@ -100,7 +102,7 @@ class JobTask(submitit.helpers.Checkpointable):
         """After a save-and-exit (status 75): rank 0 requeues unless the user cancelled. Never returns."""
         if rank != 0:
             sys.exit(EXIT_PREEMPTED)
-        state = slurm_state(job_id) if os.environ.get("SLURM_JOB_ID") else None
+        state = slurm_state(job_id) if slurm_job_id() else None
         if state is not None and state != "RUNNING":
             records.end_attempt(record, EXIT_PREEMPTED, f"not requeued: job is {state}")
             raise NotRequeued(f"stopped by the scheduler while {state} (scancel?): saved, not requeued")

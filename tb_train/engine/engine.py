@@ -1,0 +1,254 @@
+"""The DeepSpeed training engine: the ZeRO config, the engine build, and one optimizer step.
+
+`build_engine` turns an `EngineConfig` + `OptimConfig` into a `TrainEngine`:
+- the ZeRO stage and its tuning come from a JSON file (`configs/deepspeed/zero{0,1,2,3}.json`); batch,
+  precision, clipping and optimizer fields are filled from the job config, so there is one source of truth,
+  and the merged dict is validated against DeepSpeed's own config model before anything is written;
+- the model is built whole, then DeepSpeed partitions it (ZeRO-3 included, see `build_engine`);
+- activation checkpointing (`tb_train.engine.activation_ckpt`) wraps blocks from outside the model;
+- AdamW groups and the LR schedule come from `tb_train.engine.optim`.
+
+`TrainEngine.step` runs one optimizer step over a rank's micro-batches, seeding the model's randomness per
+micro-batch (`MicroInput.seed`, see `tb_train.engine.rng`) and skipping the update when any loss is not finite.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+import torch.nn as nn
+
+from tb_core.config import deep_merge
+from tb_core.errors import ConfigError
+from tb_train.engine.activation_ckpt import apply_activation_checkpointing
+from tb_train.dist import DistInfo, mean_over_ranks
+from tb_train.engine.ema import ShardedEMA
+from tb_train.engine.optim import OptimConfig, param_groups
+from tb_train.recipes import config_path
+
+# Fields of the DeepSpeed JSON that the job config owns; a JSON that sets them is rejected, not overridden.
+JOB_OWNED_DS_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                     "gradient_clipping", "optimizer", "scheduler", "bf16", "fp16")
+
+
+@dataclass
+class EngineConfig:
+    """How the model is trained on the machines: ZeRO stage, precision, accumulation, checkpointing."""
+    deepspeed: str = "zero2"                    # name in configs/deepspeed/ or a path to a JSON file
+    ds_overrides: dict[str, Any] = field(default_factory=dict)  # deep-merged into that JSON
+    precision: Literal["bf16", "fp32"] = "bf16"
+    grad_accum: int = 1                         # micro-batches per rank per optimizer step
+    global_batch: int | None = None             # if set: grad_accum = global_batch / (micro_batch * world)
+    activation_checkpointing: Literal["none", "full", "every_k"] = "none"
+    checkpoint_k: int = 2                       # every_k: blocks 0, k, 2k, ... of each list
+    ema_decay: float = 0.9999
+    nonfinite_patience: int = 5                 # stop after more than this many non-finite steps in a row
+
+    def __post_init__(self) -> None:
+        if self.grad_accum < 1 or self.checkpoint_k < 1:
+            raise ValueError("grad_accum and checkpoint_k must be >= 1")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+def resolve_grad_accum(cfg: EngineConfig, micro_batch: int, world: int) -> int:
+    """Accumulation steps that make micro_batch × accum × world = engine.global_batch (when set), so a
+    job file states the recipe's global batch and runs unchanged on any number of GPUs."""
+    if cfg.global_batch is None:
+        return cfg.grad_accum
+    per_step = micro_batch * world
+    if cfg.global_batch % per_step:
+        raise ConfigError(f"engine.global_batch {cfg.global_batch} is not a multiple of data.micro_batch "
+                          f"{micro_batch} x world {world}")
+    accum = cfg.global_batch // per_step
+    if cfg.grad_accum not in (1, accum):
+        raise ConfigError(f"engine.grad_accum {cfg.grad_accum} contradicts engine.global_batch "
+                          f"{cfg.global_batch} (= {micro_batch} x {world} x {accum})")
+    return accum
+
+
+# ----------------------------------------------------------------------------- DeepSpeed config
+
+
+def resolve_deepspeed_file(spec: str) -> Path:
+    """`zero2` → the packaged tb_train/configs/deepspeed/zero2.json; a path is used as it is."""
+    try:
+        return config_path(spec, "deepspeed")
+    except ConfigError as e:
+        raise ConfigError(f"engine.deepspeed: {e}") from None
+
+
+def deepspeed_config(cfg: EngineConfig, optim: OptimConfig, micro_batch: int, world: int,
+                     load_universal: bool = False) -> dict:
+    """The dict passed to deepspeed.initialize: the JSON file + overrides + the job-owned fields."""
+    path = resolve_deepspeed_file(cfg.deepspeed)
+    try:
+        base = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: invalid JSON: {e}") from None
+    for key in JOB_OWNED_DS_KEYS:
+        if key in base or key in cfg.ds_overrides:
+            raise ConfigError(f"{path}: key '{key}' is set by the job config (data/optim/engine), remove it")
+    ds = deep_merge(base, copy.deepcopy(cfg.ds_overrides))
+    if "stage" not in ds.get("zero_optimization", {}):
+        raise ConfigError(f"{path}: missing 'zero_optimization.stage'")
+    ds.update({
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_batch_size": micro_batch * cfg.grad_accum * world,
+        "gradient_clipping": optim.grad_clip,
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps,
+            "weight_decay": optim.weight_decay, "torch_adam": True}},
+    })
+    ds.setdefault("steps_per_print", 10 ** 9)
+    ds.setdefault("checkpoint", {})["load_universal"] = load_universal
+    return ds
+
+
+def validate_deepspeed_config(ds: dict, source: str) -> None:
+    """Check the merged dict with DeepSpeed's own config parser (its pydantic models), without building
+    an engine, so a bad `engine.ds_overrides` value fails as one line before the run folder is written.
+
+    source: what the dict came from, e.g. "engine.deepspeed=zero2 + engine.ds_overrides".
+    """
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from pydantic import ValidationError
+
+    checked = copy.deepcopy(ds)
+    checked.pop("train_batch_size")  # DeepSpeed derives it from the world size it sees; ours is consistent
+    try:
+        DeepSpeedConfig(checked)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first["loc"]) or "<top>"
+        raise ConfigError(f"{source}: DeepSpeed rejects {e.title}.{where} = {first.get('input')!r}: "
+                          f"{first['msg']}") from None
+    except (AssertionError, ValueError, KeyError, TypeError) as e:
+        msg = " ".join(str(e).split()) or type(e).__name__
+        raise ConfigError(f"{source}: DeepSpeed rejects the config: {msg}") from None
+
+
+# ----------------------------------------------------------------------------- the engine
+
+@dataclass
+class StepResult:
+    loss: float                  # mean over micro-batches and ranks (nan when skipped)
+    ce_per_channel: torch.Tensor  # [C] mean over micro-batches and ranks
+    grad_norm: float | None
+    lr: float
+    skipped: bool                # non-finite loss or input somewhere: no optimizer/EMA update
+
+
+@dataclass
+class MicroInput:
+    """One micro-batch ready for the model: scaled latents [b, C, h, w], labels [b], and the seed of the
+    model's own randomness (masks, label drop, dropout) for this (step, micro_id)."""
+    latents: torch.Tensor
+    labels: torch.Tensor
+    seed: int
+
+
+class TrainEngine:
+    """A DeepSpeed engine with our step (seeding, non-finite skip, LR by step) and the per-partition EMA."""
+
+    def __init__(self, engine: Any, cfg: EngineConfig, optim: OptimConfig, dist: DistInfo):
+        self.ds = engine
+        self.cfg, self.optim, self.dist = cfg, optim, dist
+        self.stage = engine.zero_optimization_stage()
+        self.dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+        self.ema = ShardedEMA(engine.module, cfg.ema_decay, dist)
+        self._group_hparams = [{k: g[k] for k in ("name", "weight_decay", "betas", "eps") if k in g}
+                               for g in engine.optimizer.param_groups]
+
+    @property
+    def module(self) -> nn.Module:
+        return self.ds.module
+
+    def repair_after_load(self) -> None:
+        """Undo two side effects of DeepSpeed's universal-checkpoint load (both measured, ZeRO-3):
+        every AdamW group gets the first group's hyperparameters (the no-decay group came back with
+        weight_decay 0.02), and all sub-groups share ONE `step` tensor, which AdamW then increments once
+        per group per step (wrong bias correction from the second group on). Harmless after a normal load.
+        """
+        for group, hp in zip(self.ds.optimizer.param_groups, self._group_hparams, strict=True):
+            group.update(hp)
+        inner = getattr(self.ds.optimizer, "optimizer", self.ds.optimizer)
+        for state in inner.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.ds.optimizer.param_groups:
+            group["lr"] = lr
+
+    def _discard_grads_if_unguarded(self) -> None:
+        """DeepSpeed's ZeRO and bf16 optimizers skip a step whose gradient norm is not finite; plain
+        stage 0 in fp32 does not, so there the gradients are dropped and torch's AdamW skips every param."""
+        if not hasattr(self.ds.optimizer, "overflow"):
+            for p in self.ds.module.parameters():
+                p.grad = None
+
+    def step(self, micro: list[MicroInput], lr: float) -> StepResult:
+        """Forward/backward every micro-batch of this rank, then one optimizer step (or a skipped one).
+
+        A skipped step changes neither the weights nor the EMA; counting skipped steps is the caller's
+        business (`tb_train.engine.state.TrainState`)."""
+        assert len(micro) == self.cfg.grad_accum, "one MicroInput per accumulation step"
+        self.set_lr(lr)
+        self.ds.train()
+        stats = None
+        for j, mb in enumerate(micro):
+            torch.manual_seed(mb.seed)
+            # fp32 latents also in bf16 runs: the model quantizes them before its first layer.
+            latents = mb.latents.to(self.dist.device, torch.float32)
+            out = self.ds(latents, mb.labels.to(self.dist.device))
+            loss = out["loss"]
+            # Corrupt inputs count too: the quantizer would map a NaN latent to a finite token silently.
+            finite = torch.isfinite(loss.detach()) & torch.isfinite(latents).all()
+            # A non-finite step poisons every gradient with NaN (x 1.0 otherwise, exact; no host sync), so
+            # the all-reduced gradient norm is NaN on all ranks and the optimizer skips the update together.
+            self.ds.backward(loss * torch.where(finite, 1.0, float("nan")))
+            row = torch.cat([loss.detach().float().reshape(1), out["ce_per_channel"].detach().float(),
+                             (~finite).float().reshape(1)])
+            stats = row if stats is None else stats + row
+            if j == len(micro) - 1:
+                stats = mean_over_ranks(stats / len(micro))
+                skipped = bool(stats[-1].item() > 0)
+                if skipped:
+                    self._discard_grads_if_unguarded()
+            self.ds.step()
+        if skipped:
+            if getattr(self.ds.optimizer, "overflow", True) is not True:
+                raise RuntimeError("non-finite loss but DeepSpeed applied the update; refusing to continue")
+        else:
+            self.ema.update()
+        grad_norm = self.ds.get_global_grad_norm()
+        grad_norm = None if grad_norm is None else float(grad_norm)
+        loss_value = float("nan") if skipped else float(stats[0].item())
+        return StepResult(loss_value, stats[1:-1].cpu(), grad_norm, lr, skipped)
+
+
+def build_engine(model_fn: Callable[[], nn.Module], cfg: EngineConfig, optim: OptimConfig, micro_batch: int,
+                 dist: DistInfo, load_universal: bool = False) -> TrainEngine:
+    """Build the model, wrap its blocks for activation checkpointing, and initialise DeepSpeed.
+
+    The model is built whole on every rank and ZeRO-3 partitions it inside `deepspeed.initialize`
+    (DeepSpeed converts parameters that were not born under `zero.Init`). Building under `zero.Init`
+    would save that transient full copy but runs the model's own weight init on already-partitioned
+    (empty) tensors, which TokenBridge's init (run at the end of its constructors) does not support; the
+    whole-model build also makes the initial weights identical for every ZeRO stage.
+    """
+    import deepspeed
+
+    ds_config = deepspeed_config(cfg, optim, micro_batch, dist.world, load_universal)
+    model = model_fn()
+    apply_activation_checkpointing(model, cfg.activation_checkpointing, cfg.checkpoint_k)
+    groups = param_groups(model, optim)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
+    return TrainEngine(engine, cfg, optim, dist)

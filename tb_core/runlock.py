@@ -98,9 +98,10 @@ class RunLock:
     (exit status 2) when another job holds the folder; see the module docstring for when it waits first.
     """
 
-    def __init__(self, folder: str | os.PathLike, job: str, wait_s: float | None = None) -> None:
+    def __init__(self, folder: str | os.PathLike, job: str, wait_s: float | None = None,
+                 name: str = LOCK_NAME) -> None:
         self.folder = Path(folder)
-        self.path = self.folder / LOCK_NAME
+        self.path = self.folder / name
         self.job = job
         self.wait_s = wait_s
         self._fd: int | None = None
@@ -206,4 +207,11 @@ class RunLock:
         os.fsync(self._fd)
 
 
-__all__ = ["LOCK_NAME", "REQUEUE_WAIT_S", "RunLock", "holder_info"]
+def rank_lock_name(rank: int) -> str:
+    """The lock file of one rank of a job that has no process group to agree in (precompute splits the
+    shards by rank alone): rank 0 takes the folder's lock, rank r > 0 its own, so a second job's ranks
+    each meet a holder instead of only its rank 0 stopping."""
+    return LOCK_NAME if rank == 0 else f"{LOCK_NAME}.rank{rank:05d}"
+
+
+__all__ = ["LOCK_NAME", "REQUEUE_WAIT_S", "RunLock", "holder_info", "rank_lock_name"]

@@ -148,3 +148,27 @@ def test_two_locks_in_one_process_exclude_each_other(tmp_path, monkeypatch):
     first.release()
     with RunLock(tmp_path, "tb-train") as second:
         assert second.held
+
+
+def test_a_second_tb_train_on_the_same_run_folder_stops_with_one_line(tmp_path, holder):
+    """The jobs take the lock: a tb-train started on a folder that a live process holds exits 2 at once,
+    naming the holder, and writes nothing (no config.yaml)."""
+    run = tmp_path / "run"
+    proc = holder(run, "tb-train", 120)
+    res = subprocess.run([sys.executable, "-m", "tb_train.train", "--config", "demo", f"run.dir={run}",
+                          f"data.path={tmp_path / 'no_data'}"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    err = [line for line in res.stderr.splitlines() if line.startswith("tb-train")]  # torch may warn first
+    assert res.returncode == 2 and len(err) == 1, res.stderr
+    assert err[0].startswith("tb-train: error: ") and f"pid {proc.pid}" in err[0] and "another job writes here" in err[0]
+    assert not (run / "config.yaml").exists()
+
+
+def test_precompute_ranks_lock_their_own_files(tmp_path):
+    from tb_core.runlock import rank_lock_name
+
+    assert rank_lock_name(0) == LOCK_NAME and rank_lock_name(3) == LOCK_NAME + ".rank00003"
+    with RunLock(tmp_path, "tb-precompute", name=rank_lock_name(1)):
+        with RunLock(tmp_path, "tb-precompute", name=rank_lock_name(0)):  # another rank's file: no conflict
+            with pytest.raises(InputError, match="already holds its lock"):
+                RunLock(tmp_path, "tb-precompute", name=rank_lock_name(1)).acquire()

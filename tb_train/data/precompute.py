@@ -41,6 +41,7 @@ from tb_model.ordering import frequency_order
 from tb_model.quantizer import DimensionwiseQuantizer, QuantizerConfig
 from tb_model.vae import LatentVAE, VAEConfig, load_vae
 from tb_core.launcher import launcher_ranks
+from tb_core.runlock import RunLock, rank_lock_name
 from tb_train.dist import barrier
 from tb_train.cli import job_main
 from tb_train.data.images import ImageDataset, ImageList, collate, list_images
@@ -420,7 +421,8 @@ def main(argv: list[str] | None = None) -> int:
             local_rank = args.local_rank
         if not 0 <= rank < world:
             raise ConfigError(f"launcher variables give rank {rank} of world size {world}")
-        run(cfg, rank, world, local_rank)
+        with RunLock(cfg.output, "tb-precompute", name=rank_lock_name(rank)):  # one job per output folder
+            run(cfg, rank, world, local_rank)
 
     return job_main("tb-precompute", argv, body)
 

@@ -36,6 +36,7 @@ from tb_core.config import from_dict, load_config
 from tb_core.errors import ConfigError, TBError
 from tb_core.fileio import atomic_write_json
 from tb_core.launcher import child_env
+from tb_core.runlock import RunLock
 from tb_core.measure import machine_info, markdown_table
 from tb_model.registry import ModelConfig, create
 from tb_model.tokenbridge import TokenBridge
@@ -321,7 +322,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ablation-seeds", type=int, nargs="+", default=[0, 1], help="seeds of the generative rows")
     p.add_argument("overrides", nargs="*", help="dotted overrides for the training job, e.g. optim.epochs=40")
     args = p.parse_intermixed_args(sys.argv[1:] if argv is None else argv)  # options after overrides too
-    return run_main("tb-demo", lambda: run_demo(args))
+
+    def body() -> int:
+        with RunLock(args.out, "tb-demo"):  # one demo per output folder (its stages lock their own folders)
+            return run_demo(args)
+
+    return run_main("tb-demo", body)
 
 
 def run_demo(args: argparse.Namespace) -> int:

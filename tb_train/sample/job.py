@@ -32,6 +32,7 @@ from torch import Tensor
 from tb_core.config import to_dict
 from tb_core.errors import ConfigError, InputError
 from tb_core.fileio import atomic_write_json, atomic_write_with, sha256_file
+from tb_core.runlock import RunLock
 from tb_model.vae import VAEConfig, load_vae
 from tb_train.cli import job_main
 from tb_train.dist import DistInfo, agreed, barrier, on_ranks
@@ -184,13 +185,23 @@ def _existing(out: Path, width: int) -> set[int]:
 
 def run_sample(cfg: SampleJobConfig, rank: int, world: int, device: torch.device) -> dict | None:
     """The tb-sample job on an initialised process group (or one process); the record on rank 0."""
+    out = Path(cfg.out)
+    info = DistInfo.for_rank(rank, world, device)
+    lock = agreed(info, lambda: RunLock(out, PROG).acquire() if rank == 0 else None)  # one job per out folder
+    try:
+        return _sample(cfg, out, info)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _sample(cfg: SampleJobConfig, out: Path, info: DistInfo) -> dict | None:
     from tqdm import tqdm
 
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    rank, world, device = info.rank, info.world, info.device
     vae = load_vae(cfg.vae, device=device)
     # rank 0 exports a run folder: a failure there must stop the others, not leave them waiting
-    model_file = agreed(DistInfo.for_rank(rank, world, device), lambda: resolve_model_file(cfg.model, out, rank))
+    model_file = agreed(info, lambda: resolve_model_file(cfg.model, out, rank))
     model, meta = load_model(model_file, device)
     labels, rule = sample_labels(cfg, model.config.num_classes)
     side = model.config.latent_size * vae.downsample

@@ -33,6 +33,7 @@ import torch.nn as nn
 
 from tb_core.config import dump_config
 from tb_core.errors import ConfigError
+from tb_core.runlock import RunLock
 from tb_core.paths import resolve_path
 from tb_model.config import ModelConfig, resolve
 from tb_model.registry import create
@@ -157,8 +158,10 @@ def run(cfg: TrainJobConfig, source: str = "<config>", hooks: Iterable[Hook] = (
     """
     dist = init_distributed()
     preempt = PreemptionFlag()
-    trainer = None
+    trainer = lock = None
     try:
+        # one job per run folder: a second tb-train (or a manual restart racing a requeue) stops here
+        lock = agreed(dist, lambda: RunLock(cfg.run.dir, PROG).acquire() if dist.is_main else None)
         prep = agreed(dist, lambda: prepare(cfg, source, dist))
         if dist.is_main:
             dump_config(cfg, Path(cfg.run.dir) / "config.yaml")
@@ -177,6 +180,8 @@ def run(cfg: TrainJobConfig, source: str = "<config>", hooks: Iterable[Hook] = (
             trainer.metrics.close()
             trainer.loader.close()
         preempt.restore()
+        if lock is not None:
+            lock.release()
         shutdown()
 
 

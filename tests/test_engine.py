@@ -93,16 +93,31 @@ def test_wrapper_keeps_state_dict_keys_and_policies():
     torch.testing.assert_close(enc[0].ckpt_inner.attn.qkv.weight, fresh.mar.encoder_blocks[0].attn.qkv.weight)
 
 
-def test_param_groups_exempt_biases_norms_embeddings():
-    model = tiny_model()
-    groups = {g["name"]: g for g in param_groups(model, OptimConfig())}
+def _exempt_names(model, cfg: OptimConfig) -> set[str]:
+    groups = {g["name"]: g for g in param_groups(model, cfg)}
+    assert groups["decay"]["weight_decay"] == 0.02 and groups["no_decay"]["weight_decay"] == 0.0
     no_decay = {id(p) for p in groups["no_decay"]["params"]}
-    names = {n for n, p in model.named_parameters() if id(p) in no_decay}
+    return {n for n, p in model.named_parameters() if id(p) in no_decay}
+
+
+def test_param_groups_default_is_the_released_rule_biases_and_1d_only():
+    """The released code (MAR's add_weight_decay) exempts 1-D tensors and biases; every embedding,
+    position embedding and learned token (2-D or more) decays."""
+    model = tiny_model()
+    names = _exempt_names(model, OptimConfig())
+    expected = {n for n, p in model.named_parameters() if p.dim() <= 1 or n.endswith(".bias")}
+    assert names == expected
+    assert {"mar.z_proj.bias", "mar.encoder_blocks.0.norm1.weight"} <= names
+    assert not names & {"mar.class_emb.weight", "mar.encoder_pos_embed_learned", "head.token_embed.0.weight",
+                        "mar.mask_token", "mar.z_proj.weight"}
+
+
+def test_param_groups_can_exempt_embeddings():
+    model = tiny_model()
+    names = _exempt_names(model, OptimConfig(no_decay_embeddings=True))
     assert {"mar.class_emb.weight", "mar.encoder_pos_embed_learned", "mar.z_proj.bias",
             "mar.encoder_blocks.0.norm1.weight", "head.token_embed.0.weight"} <= names
-    assert "mar.z_proj.weight" not in names and groups["decay"]["weight_decay"] == 0.02
-    kept = {id(p) for p in param_groups(model, OptimConfig(no_decay_embeddings=False))[0]["params"]}
-    assert id(model.mar.encoder_pos_embed_learned) in kept
+    assert "mar.z_proj.weight" not in names
 
 
 def test_lr_schedule_warmup_then_cosine():

@@ -96,6 +96,12 @@ def test_rank_environment_from_slurm(slurm_cluster, tmp_path, capsys):
     assert {r["MASTER_PORT"] for r in ranks} == {str(20000 + int(job_id) % 20000)}
     script = Path(only_job(run)["sbatch"]).read_text()
     assert "#SBATCH --partition=debug" in script and "#SBATCH --ntasks-per-node=2" in script
+    # --dry-run renders the script with submitit's private _make_sbatch_string: it must be the file the
+    # real submission wrote (fails when a submitit release changes the function)
+    code = submit_main(["fixtures.slurm", "--cluster", CLUSTER, "--run-dir", str(run), f"probe.env={tmp_path / 'ranks'}",
+                        "--dry-run"])
+    dry = capsys.readouterr().out
+    assert code == 0 and script.strip() in dry
 
 
 @pytest.mark.slow

@@ -21,7 +21,8 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float = 0.02
-    no_decay_embeddings: bool = True            # also exempt embedding tables / position embeddings
+    no_decay_embeddings: bool = False           # True: also exempt embedding tables / position embeddings
+                                                # (False = the released code: only biases and 1-D tensors)
     warmup_epochs: float = 200.0                # linear warmup from 0
     epochs: float = 800.0                       # schedule length: cosine reaches min_lr here
     schedule: Literal["cosine", "constant"] = "cosine"

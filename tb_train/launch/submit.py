@@ -126,13 +126,33 @@ def _python(cluster: ClusterConfig) -> str:
 
 
 def sbatch_script(cluster: ClusterConfig, plan: Plan, dependency: str | None = None) -> str:
-    """The sbatch file submitit writes for `plan` (used verbatim by --dry-run)."""
-    from submitit.slurm.slurm import _make_sbatch_string
+    """The sbatch file submitit writes for `plan` (used verbatim by --dry-run).
 
+    submitit has no public function that renders the script without submitting, so this calls its
+    private `_make_sbatch_string` — the function its SlurmExecutor itself uses, so the dry run shows the
+    script a submission writes. submitit is pinned in constraints.txt; tests/test_launch.py compares the
+    rendered script with a real submission's file and fails loudly on a submitit that changed it, and a
+    missing or re-signed function is one line here instead of a traceback.
+    """
+    try:
+        from submitit.slurm.slurm import _make_sbatch_string
+    except ImportError as e:
+        raise ConfigError(f"--dry-run: this submitit ({submitit_version()}) has no _make_sbatch_string; "
+                          f"install the version pinned in constraints.txt") from e
     folder = records.submitit_folder(plan.run_dir).resolve()
     command = f"{_python(cluster)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
-    return _make_sbatch_string(command=command, folder=folder,
-                               **cluster.slurm_parameters(f"tb-{plan.job}", dependency))
+    try:
+        return _make_sbatch_string(command=command, folder=folder,
+                                   **cluster.slurm_parameters(f"tb-{plan.job}", dependency))
+    except TypeError as e:
+        raise ConfigError(f"--dry-run: submitit {submitit_version()} changed _make_sbatch_string ({e}); "
+                          f"install the version pinned in constraints.txt") from e
+
+
+def submitit_version() -> str:
+    import importlib.metadata
+
+    return importlib.metadata.version("submitit")
 
 
 def dry_run(cluster: ClusterConfig, plans: list[Plan]) -> str:

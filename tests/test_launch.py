@@ -64,6 +64,8 @@ srun --unbuffered --output {logs}/%j_%t_log.out --error {logs}/%j_%t_log.err \
 {shlex.quote(sys.executable)} -u -m submitit.core._submit {logs}
 
 # each task: tb_train.train.job.main(['--config', '{H_JOB}', 'data.path=/data/imagenet256_kl16'])
+# ranks: one task per GPU, RANK = task id 0..31, LOCAL_RANK = local task id 0..7, WORLD_SIZE = 32; \
+MASTER_ADDR = the first host of the allocation's node list, MASTER_PORT = 20000 + (Slurm job id % 20000)
 """
     assert out == expected
     assert not run.exists(), "a dry run must not create the run folder"

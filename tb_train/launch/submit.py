@@ -167,7 +167,16 @@ def dry_run(cluster: ClusterConfig, plans: list[Plan]) -> str:
         else:
             out.append(f"# local parameters: {cluster.local_parameters()}")
         out.append(f"# each task: {plan.task().command()}")
+        out.append(f"# ranks: one task per GPU, RANK = task id 0..{cluster.world - 1}, LOCAL_RANK = local task id "
+                   f"0..{cluster.tasks_per_node - 1}, WORLD_SIZE = {cluster.world}; " + rendezvous_rule(cluster))
     return "\n".join(out)
+
+
+def rendezvous_rule(cluster: ClusterConfig) -> str:
+    """How the tasks find each other (tb_train.launch.task and tb_train.dist.job_port), in words."""
+    addr = ("the first host of the allocation's node list" if cluster.nodes > 1 and cluster.executor == "slurm"
+            else "127.0.0.1")
+    return f"MASTER_ADDR = {addr}, MASTER_PORT = 20000 + (Slurm job id % 20000)"
 
 
 def _executor(cluster: ClusterConfig, run_dir: Path):

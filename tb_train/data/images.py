@@ -7,7 +7,6 @@ file: it reports the reason, so the job can list the file in rejected.txt and ca
 from __future__ import annotations
 
 import glob
-import importlib.metadata
 import io
 import os
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import torch
 from PIL import Image
 
 from tb_core.errors import InputError
+from tb_core.plugins import Registry
 from tb_train.data.shards import PreadFiles, group_members, tar_members
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
@@ -134,14 +134,14 @@ def list_tars(spec: str) -> ImageList:
     return ImageList(spec, names, None, tars=tars, spans=np.asarray(spans, np.int64).reshape(-1, 5))
 
 
-_SOURCES: dict[str, Callable[[str], str | os.PathLike]] = {}
+_SOURCES = Registry(SOURCE_GROUP)
 
 
 def register_image_source(name: str, fn: Callable[[str], str | os.PathLike]) -> None:
     """Make `input=NAME:ARG` mean the ImageFolder that `fn(ARG)` returns (written on first use), in this
     process; a package declares one under the entry-point group `tokenbridge.image_sources` instead
     (the demo's `demo:FOLDER` is declared that way, so this module never imports the demo)."""
-    _SOURCES[name] = fn
+    _SOURCES.register(name, fn)
 
 
 def _source(spec: str) -> Callable[[str], str | os.PathLike] | None:
@@ -149,12 +149,7 @@ def _source(spec: str) -> Callable[[str], str | os.PathLike] | None:
     name, sep, _ = spec.partition(":")
     if not sep or len(name) < 2 or not name.isidentifier():
         return None
-    if name in _SOURCES:
-        return _SOURCES[name]
-    for ep in importlib.metadata.entry_points(group=SOURCE_GROUP):
-        if ep.name == name:
-            return ep.load()
-    return None
+    return _SOURCES.get(name)
 
 
 def list_images(spec: str) -> ImageList:

@@ -8,7 +8,6 @@ built-in "inception" (torch-fidelity's network from a LOCAL weights file), one r
 """
 from __future__ import annotations
 
-import importlib.metadata
 from typing import Callable, Protocol
 
 import torch
@@ -16,6 +15,7 @@ from torch import Tensor
 
 from tb_core.errors import ConfigError
 from tb_core.fileio import sha256_file
+from tb_core.plugins import Registry
 
 ENTRY_POINT_GROUP = "tokenbridge.extractors"
 
@@ -70,7 +70,7 @@ def extract_features(read: Callable[[int, int], Tensor], count: int, extractor: 
 
 # A factory: (weights path or None, device) -> (extractor, identity of its weights for cache keys).
 ExtractorFactory = Callable[[str | None, torch.device], tuple["FeatureExtractor", str]]
-_REGISTERED: dict[str, ExtractorFactory] = {}
+_EXTRACTORS = Registry(ENTRY_POINT_GROUP)
 
 
 def _inception(weights: str | None, device: torch.device) -> tuple[FeatureExtractor, str]:
@@ -84,22 +84,17 @@ def _inception(weights: str | None, device: torch.device) -> tuple[FeatureExtrac
 
 def register_extractor(name: str, factory: ExtractorFactory) -> None:
     """Make `name` usable as `eval.extractor` in this process (packages: use the entry-point group)."""
-    _REGISTERED[name] = factory
+    _EXTRACTORS.register(name, factory)
 
 
 def extractor_names() -> list[str]:
-    declared = [ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)]
-    return sorted({"inception", *_REGISTERED, *declared})
+    return sorted({"inception", *_EXTRACTORS.names()})
 
 
 def _factory(name: str) -> ExtractorFactory:
-    if name == "inception":
-        return _inception
-    if name in _REGISTERED:
-        return _REGISTERED[name]
-    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name == name:
-            return ep.load()
+    found = _inception if name == "inception" else _EXTRACTORS.get(name)
+    if found is not None:
+        return found
     raise ConfigError(f"unknown feature extractor {name!r} (known: {', '.join(extractor_names())})")
 
 

@@ -1,17 +1,22 @@
 """The world-size-independent data cursor: coverage per epoch, equal global batches across world/accum,
-exact resume (also at another world size or global batch), epoch rollover, view choice, bad input."""
+exact resume (also at another world size or global batch), epoch rollover, view choice, bad input;
+verification once per run split over the ranks, and training stopped by a member damaged after it."""
 from __future__ import annotations
 
+import hashlib
 import json
-from collections import Counter
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import tb_train.data.shards as shards_module
 from fixtures.data import NUM_CLASSES, SCALE, decode_rows, write_latent_folder
 from tb_core.errors import ConfigError, InputError
-from tb_train.data.loader import DataConfig, LatentLoader, epoch_order, epoch_views
+from tb_train.data.loader import VERIFIED_MARKER, DataConfig, LatentLoader, epoch_order, epoch_views
+from tb_train.data.shards import index_name, sample_key, shard_name
 
 N = 50  # samples in the folder; not a multiple of the global batches below, so tails are dropped
 
@@ -170,3 +175,134 @@ def test_truncated_shard_without_verify_is_one_line_naming_the_shard(tmp_path, w
             lo.next_step()
     assert "\n" not in str(e.value) and "Traceback" not in str(e.value)
     lo.close()
+
+
+def _counting_sha256(monkeypatch) -> list[str]:
+    """Names of the files hashed from now on, in order."""
+    hashed: list[str] = []
+    real = shards_module.sha256_file
+
+    def counting(path, *args, **kwargs) -> str:
+        hashed.append(Path(path).name)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(shards_module, "sha256_file", counting)
+    return hashed
+
+
+def test_verification_once_per_run_split_over_ranks(tmp_path, monkeypatch):
+    data = write_latent_folder(tmp_path / "data", 40, samples_per_shard=5)   # 8 shards
+    run = tmp_path / "run"
+    hashed = _counting_sha256(monkeypatch)
+    tars = [shard_name(s) for s in range(8)]
+
+    def start(world: int, verify: bool = True) -> tuple[list[LatentLoader], list[list[str]]]:
+        """One start of the run: every rank's loader -> (loaders, files each rank hashed)."""
+        cfg = DataConfig(path=str(data), micro_batch=2, num_workers=0, verify=verify)
+        loaders, shares = [], []
+        for rank in range(world):
+            hashed.clear()
+            loaders.append(LatentLoader(cfg, rank, world, 1, run_dir=run))
+            shares.append(list(hashed))
+        return loaders, shares
+
+    loaders, shares = start(2)
+    assert shares == [tars[0::2], tars[1::2]]                       # each rank half, together all, once
+    assert [lo.verified_bytes for lo in loaders] == [sum((data / t).stat().st_size for t in share)
+                                                     for share in shares]
+    loaders[1].next_step()
+    assert not (run / VERIFIED_MARKER).exists()                    # rank 0 records it, at its first step
+    loaders[0].next_step()
+    marker = json.loads((run / VERIFIED_MARKER).read_text())
+    assert marker["manifest_sha256"] == hashlib.sha256((data / "manifest.json").read_bytes()).hexdigest()
+    assert marker["num_shards"] == 8
+
+    for world in (2, 1):                                            # restart, requeue at another world size
+        loaders, shares = start(world)
+        assert shares == [[]] * world and [lo.verified_bytes for lo in loaders] == [0] * world
+        for lo in loaders:
+            lo.next_step()
+
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["classes"][0] = "renamed"                              # another manifest: verify again
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    loaders, shares = start(2)
+    assert shares == [tars[0::2], tars[1::2]]
+    loaders[0].next_step()
+    assert json.loads((run / VERIFIED_MARKER).read_text())["manifest_sha256"] == loaders[0].shards.manifest_sha256
+    assert start(2)[1] == [[], []]
+
+    (run / VERIFIED_MARKER).unlink()
+    loaders, shares = start(1, verify=False)                        # data.verify=false: no hashing, no marker
+    loaders[0].next_step()
+    assert shares == [[]] and not (run / VERIFIED_MARKER).exists()
+
+
+def test_damaged_share_fails_on_its_rank_only(tmp_path):
+    """Each rank finds the damage in its own share; the job combines them (`agreed` around `prepare`)."""
+    data = write_latent_folder(tmp_path / "data", 20, samples_per_shard=5)
+    shard = data / shard_name(3)
+    raw = bytearray(shard.read_bytes())
+    raw[700] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    cfg = DataConfig(path=str(data), micro_batch=2, num_workers=0)
+    LatentLoader(cfg, 0, 2, 1, run_dir=tmp_path / "run")
+    with pytest.raises(InputError, match=f"shard {shard}: sha256 mismatch"):
+        LatentLoader(cfg, 1, 2, 1, run_dir=tmp_path / "run")
+
+
+def _flip_payload_byte(folder: Path, index: int, samples_per_shard: int) -> str:
+    """Flip the last byte of sample `index`'s moments inside its tar (same size) -> the tar's name."""
+    name = shard_name(index // samples_per_shard)
+    row = np.load(folder / index_name(name))[index % samples_per_shard]
+    assert row["key"] == index
+    raw = bytearray((folder / name).read_bytes())
+    raw[int(row["moments_offset"] + row["moments_size"]) - 1] ^= 0x01
+    (folder / name).write_bytes(bytes(raw))
+    return name
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_member_damaged_after_a_verified_start_stops_training_in_one_line(train_setup):
+    """A run's first start hashes its data and records it; the data is then damaged in place (same size).
+    The restart hashes nothing, and the read in a DataLoader worker stops the job: exit 2 on both ranks,
+    one line naming shard and member."""
+    from fixtures.engine import SAMPLES
+
+    setup = train_setup
+    data = setup.root / "data_damaged_later"
+    shutil.copytree(setup.data, data)
+    first = setup.start("damaged_later", 2, f"data.path={data}", "data.num_workers=1", "run.max_steps=2",
+                        name="damaged_later_1")
+    assert first.wait(300) == [0, 0], first.log_text()
+    assert (setup.root / "damaged_later" / VERIFIED_MARKER).is_file()
+    victim = int(epoch_order(0, 0, SAMPLES)[40])                    # read at step 6 (global batch 8)
+    name = _flip_payload_byte(data, victim, samples_per_shard=20)
+    again = setup.start("damaged_later", 2, f"data.path={data}", "data.num_workers=1", name="damaged_later_2")
+    assert again.wait(300) == [2, 2], again.log_text()
+    log = again.logs[0].read_text()
+    errors = [line for line in log.splitlines() if line.startswith("tb-train: error:")]
+    assert len(errors) == 1 and errors[0].endswith(
+        f"{data / name}: member {sample_key(victim)}.moments.npy: crc32 mismatch (damaged after precompute)"), log
+    assert "Traceback" not in log and "sha256" not in log
+    assert "tb-train: error:" not in again.logs[1].read_text()
+    assert sorted(setup.steps("damaged_later_2")) == [3, 4, 5]      # resumed at 2, stopped before step 6
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_shard_damaged_in_rank_1_share_stops_both_ranks_before_any_step(train_setup):
+    setup = train_setup
+    data = setup.root / "data_bad_share"
+    shutil.copytree(setup.data, data)
+    shard = data / shard_name(1)                                    # shards 1, 3: rank 1's share
+    raw = bytearray(shard.read_bytes())
+    raw[2000] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    job = setup.start("bad_share", 2, f"data.path={data}")
+    assert job.wait(300) == [2, 2], job.log_text()
+    errors = [line for line in job.logs[0].read_text().splitlines() if line.startswith("tb-train: error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"tb-train: error: rank 1: shard {shard}: sha256 mismatch"), \
+        job.log_text()
+    assert setup.steps("bad_share") == {} and not (setup.root / "bad_share" / VERIFIED_MARKER).exists()

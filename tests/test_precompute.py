@@ -17,7 +17,8 @@ from tb_model.quantizer import DimensionwiseQuantizer, QuantizerConfig
 from tb_core.config import load_config
 from tb_train.data.precompute import PrecomputeConfig, launcher_ranks, main, run, sidecar_name
 from tb_core.errors import InputError
-from tb_train.data.shards import LatentShards, shard_name
+from tb_core.fileio import sha256_file
+from tb_train.data.shards import LatentShards, index_from_tar, index_name, shard_name
 
 PER_SHARD = 5
 BATCH = 3  # does not divide PER_SHARD: batches must still stop at shard boundaries
@@ -251,3 +252,45 @@ def test_config_by_packaged_name(tmp_path, capsys):
     assert err == f"tb-precompute: error: {tmp_path / 'none'}: input not found (want an ImageFolder tree or webdataset tars)"
     assert main(["--config", "no_such_job", f"output={tmp_path / 'o'}"]) == 2
     assert "not a packaged name" in capsys.readouterr().err
+
+
+def test_manifest_lists_each_index_and_the_sizes(reference):
+    """Precompute writes each shard's member index beside it and lists sizes and sha256s in the manifest:
+    what a restarted training job checks (sizes) and what verification hashes (both files)."""
+    manifest = json.loads((reference / "manifest.json").read_text())
+    for entry in manifest["shards"]:
+        tar, index = reference / entry["name"], reference / index_name(entry["name"])
+        assert entry["size"] == tar.stat().st_size and entry["sha256"] == sha256_file(tar)
+        assert entry["index_size"] == index.stat().st_size and entry["index_sha256"] == sha256_file(index)
+        np.testing.assert_array_equal(np.load(index), index_from_tar(tar))  # the index says what the tar says
+        assert len(np.load(index)) == entry["count"]
+
+
+def test_folder_from_before_indexes_is_refused_then_indexed_by_a_rerun(tmp_path, reference, image_dir,
+                                                                      tiny_vae_dir):
+    """A folder of the previous layout (no index files, manifest and sidecars without their fields) is
+    refused in one line that names the fix; rerunning tb-precompute indexes the finished tars without
+    encoding anything and gives the folder an uninterrupted run makes."""
+    out = tmp_path / "old"
+    out.mkdir()
+    for p in reference.iterdir():
+        if not p.name.endswith(".idx.npy"):
+            (out / p.name).write_bytes(p.read_bytes())
+    new_fields = ("size", "index_sha256", "index_size")
+    for side in out.glob("shard-*.json"):
+        info = json.loads(side.read_text())
+        side.write_text(json.dumps({k: v for k, v in info.items() if k not in new_fields}))
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["shards"] = [{k: v for k, v in e.items() if k not in new_fields} for e in manifest["shards"]]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(InputError) as e:
+        LatentShards(out)
+    assert "rerun tb-precompute with the same settings" in str(e.value) and "\n" not in str(e.value)
+
+    summary = run(_cfg(*_args(image_dir, out, tiny_vae_dir)))
+    assert summary["encoded"] == 0 and summary["indexed_shards"] == summary["shards"] == len(manifest["shards"])
+    assert (out / "manifest.json").read_text() == (reference / "manifest.json").read_text()
+    for entry in manifest["shards"]:
+        name = index_name(entry["name"])
+        assert (out / name).read_bytes() == (reference / name).read_bytes()
+    assert run(_cfg(*_args(image_dir, out, tiny_vae_dir)))["indexed_shards"] == 0  # once

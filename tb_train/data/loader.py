@@ -9,13 +9,24 @@ partial global batch of an epoch is dropped). Which cached view (image or its h-
 drawn per (seed, epoch, sample index), independently of the permutation and of the world size
 (`data.hflip: false` always shows the image itself).
 
-Reading runs in DataLoader workers: a sampler walks this rank's micro-batches from the cursor on, across
-epoch boundaries, and the workers read them ahead (in order) while the model computes.
+Reading runs in DataLoader workers: a sampler in the training process walks this rank's micro-batches
+from the cursor on, across epoch boundaries, and hands each worker the sample indices and views of a
+micro-batch; the workers read them ahead (in order) while the model computes. The epoch's permutation
+lives only in the sampler, so a worker holds nothing that grows with the number of samples.
+
+Verification (`data.verify`) is once per run: each rank hashes its share of the shards (rank r: shards
+r, r+W, …) and the job combines the ranks' outcomes (tb-train's `prepare` runs inside `agreed`); rank 0
+then records the manifest's sha256 in `<run.dir>/data_verified.json`, and a restart or requeue of that
+run with the same manifest checks only file sizes (every read still checks its member's crc32).
 """
 from __future__ import annotations
 
+import json
 import os
+import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -24,11 +35,14 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from tb_core.errors import ConfigError, InputError
+from tb_core.fileio import atomic_write_json
 from tb_train.data.shards import LatentShards
 
 # Separate random streams derived from (seed, epoch): one for the order, one for the views.
 _ORDER_STREAM = 0
 _VIEW_STREAM = 1
+
+VERIFIED_MARKER = "data_verified.json"   # in the run folder: which manifest this run has hashed
 
 
 @dataclass
@@ -37,7 +51,8 @@ class DataConfig:
     micro_batch: int = 64     # samples per rank per forward
     num_workers: int = 2      # DataLoader worker processes per rank (0 = read in the training process)
     seed: int = 0
-    verify: bool = True       # sha256 check of every shard before training starts
+    verify: bool = True       # sha256 of every shard, once per run (split over ranks; a restart with the
+                              # same manifest checks sizes only): <run.dir>/data_verified.json
     hflip: bool = True        # show the cached h-flip of a sample half the time (MAR/ImageNet); false for
                               # data where a mirror image is another thing (digits: a mirrored 5 is no 5)
 
@@ -78,23 +93,34 @@ def _next_position(epoch: int, consumed: int, global_batch: int, num_samples: in
 
 
 class _RankSchedule(Sampler):
-    """Endless keys (epoch, first) of this rank's micro-batches, from a cursor on, in training order.
+    """Endless (sample indices int64 [b], views uint8 [b]) of this rank's micro-batches, from a cursor on,
+    in training order.
 
-    For each global step at (epoch, consumed) it yields, for j in 0..accum-1, the global position
-    first = consumed + (rank * accum + j) * micro_batch of micro-batch rank*accum + j.
+    For each global step at (epoch, consumed) it yields, for j in 0..accum-1, the entries
+    [first, first + b) of the epoch's permutation, first = consumed + (rank * accum + j) * micro_batch,
+    with each sample's view of that epoch. It runs in the training process, which therefore holds the
+    one permutation of the current epoch; the reader workers receive only the micro-batch.
     """
 
     def __init__(self, epoch: int, consumed: int, rank: int, accum: int, micro_batch: int,
-                 global_batch: int, num_samples: int):
+                 global_batch: int, num_samples: int, seed: int, hflip: bool):
         self.epoch, self.consumed = epoch, consumed
         self.rank, self.accum, self.micro_batch = rank, accum, micro_batch
         self.global_batch, self.num_samples = global_batch, num_samples
+        self.seed, self.hflip = seed, hflip
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         epoch, consumed = self.epoch, self.consumed
+        arrays_of = None
         while True:
+            if arrays_of != epoch:
+                order = epoch_order(self.seed, epoch, self.num_samples)
+                views = epoch_views(self.seed, epoch, self.num_samples, self.hflip)
+                arrays_of = epoch
             for j in range(self.accum):
-                yield epoch, consumed + (self.rank * self.accum + j) * self.micro_batch
+                first = consumed + (self.rank * self.accum + j) * self.micro_batch
+                picks = order[first:first + self.micro_batch].copy()
+                yield picks, views[picks]
             epoch, consumed = _next_position(epoch, consumed, self.global_batch, self.num_samples)
 
 
@@ -107,23 +133,15 @@ class _ReadFailure:
 
 
 class _MicroBatchReader(Dataset):
-    """Key (epoch, first) -> (moments float32 [b, 2C, h, w], labels int64 [b]) of the samples
-    order[first:first+b] of that epoch, each in its view of that epoch. Runs in the DataLoader workers;
-    each process derives (and keeps) the order of the epochs it reads."""
+    """(sample indices [b], views [b]) -> (moments float32 [b, 2C, h, w], labels int64 [b]), each sample in
+    its view. Runs in the DataLoader workers."""
 
-    def __init__(self, shards: LatentShards, seed: int, micro_batch: int, hflip: bool):
-        self.shards, self.seed, self.micro_batch, self.hflip = shards, seed, micro_batch, hflip
-        self._epoch: tuple[int, np.ndarray, np.ndarray] | None = None
-
-    def _arrays(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        if self._epoch is None or self._epoch[0] != epoch:
-            n = len(self.shards)
-            self._epoch = (epoch, epoch_order(self.seed, epoch, n), epoch_views(self.seed, epoch, n, self.hflip))
-        return self._epoch[1], self._epoch[2]
+    def __init__(self, shards: LatentShards):
+        self.shards = shards
 
     def _read(self, index: int) -> tuple[np.ndarray, int]:
-        """-> (moments float16 [2, 2C, h, w], label) of sample `index`; a damaged shard (truncated tar,
-        short member, bad npy) becomes an InputError naming the shard."""
+        """-> (moments float16 [2, 2C, h, w], label) of sample `index`; damage (a member whose crc32 or
+        size differs from the index, a failing read) becomes an InputError naming the shard."""
         try:
             return self.shards.read(index)
         except InputError:
@@ -131,17 +149,15 @@ class _MicroBatchReader(Dataset):
         except (OSError, EOFError, ValueError, IndexError) as e:
             shard, _ = self.shards.locate(index)
             path = self.shards.folder / self.shards.shards[shard]["name"]
-            raise InputError(f"shard {path}: sample {index} unreadable ({type(e).__name__}: {e}); "
-                             f"the file is damaged (data.verify=true checks every shard's sha256)") from None
+            raise InputError(f"shard {path}: sample {index} unreadable ({type(e).__name__}: {e})") from None
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, Tensor] | _ReadFailure:
-        epoch, first = key
-        order, views = self._arrays(epoch)
+    def __getitem__(self, key: tuple[np.ndarray, np.ndarray]) -> tuple[Tensor, Tensor] | _ReadFailure:
+        picks, views = key
         moments, labels = [], []
         try:
-            for index in order[first:first + self.micro_batch]:
-                both, label = self._read(int(index))
-                moments.append(both[views[index]])
+            for index, view in zip(picks.tolist(), views.tolist()):
+                both, label = self._read(index)
+                moments.append(both[view])
                 labels.append(label)
         except InputError as e:
             return _ReadFailure(" ".join(str(e).split()))
@@ -149,16 +165,40 @@ class _MicroBatchReader(Dataset):
                 torch.tensor(labels, dtype=torch.int64))
 
 
+def _verified_before(marker: Path, shards: LatentShards) -> bool:
+    """Whether this run already hashed exactly this manifest (a missing or unreadable marker: no)."""
+    try:
+        record = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(record, dict) and record.get("manifest_sha256") == shards.manifest_sha256
+            and record.get("num_shards") == len(shards.shards))
+
+
 class LatentLoader:
     """This rank's view of the global data order; `next_step()` yields its `accum` micro-batches."""
 
-    def __init__(self, cfg: DataConfig, rank: int, world: int, accum: int):
+    def __init__(self, cfg: DataConfig, rank: int, world: int, accum: int,
+                 run_dir: str | os.PathLike | None = None):
+        """Opens the folder (every shard and index present with its manifest size) and, with
+        `cfg.verify`, hashes this rank's share of the shards unless `run_dir` holds a marker for this
+        manifest. The other ranks' shares are theirs: the caller combines the ranks' errors (tb-train's
+        `prepare` runs inside `agreed`); rank 0 writes the marker when the first step's data is read,
+        i.e. after every rank got through. run_dir None: no marker, this rank's share every time.
+        `verified_bytes`: what this rank hashed here."""
         if not 0 <= rank < world or accum < 1:
             raise ValueError(f"bad rank/world/accum: rank {rank}, world {world}, accum {accum}")
         if not os.path.isdir(cfg.path):
             raise ConfigError(f"data.path: latent shard folder not found: {cfg.path}")
         self.cfg, self.rank, self.world, self.accum = cfg, rank, world, accum
-        self.shards = LatentShards(cfg.path, verify=cfg.verify)
+        self.shards = LatentShards(cfg.path, verify=False)
+        self.verified_bytes = 0
+        self._marker: Path | None = None   # set while this start's verification is still to be recorded
+        if cfg.verify:
+            marker = Path(run_dir) / VERIFIED_MARKER if run_dir is not None else None
+            if marker is None or not _verified_before(marker, self.shards):
+                self.verified_bytes = self.shards.verify_share(rank, world)
+                self._marker = marker if rank == 0 else None
         self.num_samples = len(self.shards)
         self.global_batch = cfg.micro_batch * world * accum
         if self.global_batch > self.num_samples:
@@ -171,17 +211,32 @@ class LatentLoader:
         self.consumed = 0          # global samples of this epoch already handed out (all ranks)
         self._iter: Iterator | None = None
 
+    def _record_verification(self) -> None:
+        """Write the run's marker (rank 0, once every rank verified its share). A marker that cannot be
+        written costs only a repeated verification at the next start, so it is a warning, not a stop."""
+        marker, self._marker = self._marker, None
+        record = {"manifest_sha256": self.shards.manifest_sha256, "num_shards": len(self.shards.shards),
+                  "data_path": os.path.abspath(self.cfg.path), "world": self.world,
+                  "verified_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        try:
+            atomic_write_json(marker, record)
+        except OSError as e:
+            print(f"warning: {marker}: not written ({e}); the next start hashes the data again",
+                  file=sys.stderr, flush=True)
+
     def _start_iter(self) -> None:
         cfg = self.cfg
         schedule = _RankSchedule(self.epoch, self.consumed, self.rank, self.accum, cfg.micro_batch,
-                                 self.global_batch, self.num_samples)
-        loader = DataLoader(_MicroBatchReader(self.shards, cfg.seed, cfg.micro_batch, cfg.hflip), sampler=schedule,
+                                 self.global_batch, self.num_samples, cfg.seed, cfg.hflip)
+        loader = DataLoader(_MicroBatchReader(self.shards), sampler=schedule,
                             batch_size=None, num_workers=cfg.num_workers, pin_memory=False,
                             prefetch_factor=2 if cfg.num_workers else None)
         self._iter = iter(loader)
 
     def next_step(self) -> list[MicroBatch]:
         """This rank's `accum` micro-batches of the next global step; advances the cursor by G."""
+        if self._marker is not None:
+            self._record_verification()
         if self._iter is None:
             self._start_iter()
         batches = []
@@ -222,4 +277,4 @@ class LatentLoader:
         self._iter = None
 
 
-__all__ = ["DataConfig", "MicroBatch", "LatentLoader", "epoch_order", "epoch_views"]
+__all__ = ["DataConfig", "MicroBatch", "LatentLoader", "VERIFIED_MARKER", "epoch_order", "epoch_views"]

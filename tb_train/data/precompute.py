@@ -8,10 +8,12 @@ indices [s·S, (s+1)·S) minus rejected images, and rank r encodes the shards wi
 never cross a shard boundary, so a shard's bytes depend only on its images, the VAE, the batch size and
 the numeric mode — not on the world size or on where an earlier run was killed.
 
-Idempotence: a shard tar is written under a temporary name and renamed when complete; then a sidecar
-`shard-XXXXXX.json` (count, sha256, rejected inputs, channel sums) is written atomically. A rerun skips
-shards whose sidecar matches the tar's sha256 and redoes the rest. `precompute.json` records what the
-folder was made with (VAE identity, resolution, shard size, quantizer, input listing); a rerun with
+Idempotence: a shard tar and its member index are each written under a temporary name and renamed when
+complete; then a sidecar `shard-XXXXXX.json` (count, sha256 and size of tar and index, rejected inputs,
+channel sums) is written atomically. A rerun skips shards whose sidecar matches the tar's sha256 and
+redoes the rest; a finished shard without its index (a folder written before indexes existed, or a lost
+index file) gets one built from the tar's own bytes, without re-encoding. `precompute.json` records what
+the folder was made with (VAE identity, resolution, shard size, quantizer, input listing); a rerun with
 anything different is refused. When every sidecar exists, the manifest, stats and rejected list are
 assembled from the sidecars (by rank 0 after a barrier when torch.distributed is initialized, else by
 whichever rank finishes last — the files are deterministic, so two assemblers write the same bytes).
@@ -46,8 +48,8 @@ from tb_train.dist import barrier
 from tb_train.cli import job_main
 from tb_train.data.images import ImageDataset, ImageList, collate, list_images
 from tb_train.data.shards import (
-    FORMAT, MANIFEST, REJECTED, STATS, LatentShards, sample_key, shard_name,
-    write_shard,
+    FORMAT, MANIFEST, REJECTED, STATS, LatentShards, index_from_tar, index_name, sample_key, shard_name,
+    write_index, write_shard,
 )
 
 IDENTITY = "precompute.json"
@@ -137,26 +139,50 @@ def _claim_output(out: Path, ident: dict) -> None:
     atomic_write_json(path, ident)
 
 
-def _shard_is_done(out: Path, shard: int, verify: bool) -> bool:
-    """A shard is done when its sidecar exists and (if `verify`) matches the tar's sha256."""
+def _file_facts(out: Path, shard: int) -> dict:
+    """What the manifest lists about a written shard besides its tar's sha256: sizes (what a restarted
+    training job checks instead of hashing) and the index's sha256."""
+    tar, index = out / shard_name(shard), out / index_name(shard_name(shard))
+    return {"size": tar.stat().st_size, "index_sha256": sha256_file(index), "index_size": index.stat().st_size}
+
+
+def _shard_state(out: Path, shard: int, verify: bool) -> Literal["done", "indexed", "redo"]:
+    """"done" when the sidecar exists and (if `verify`) matches the tar's sha256, and the index is there
+    (and matches its sha256); "indexed" when such a shard had to get its index built from the tar first
+    (folders written before member indexes, a lost or damaged index); else "redo"."""
     side, tar = out / sidecar_name(shard), out / shard_name(shard)
     if not (side.is_file() and tar.is_file()):
-        return False
+        return "redo"
     try:
         info = json.loads(side.read_text())
     except json.JSONDecodeError:
-        return False
+        return "redo"
     if verify and sha256_file(tar) != info.get("sha256"):
         print(f"precompute: {tar} does not match its sidecar's sha256; redoing it", file=sys.stderr)
-        return False
-    return True
+        return "redo"
+    index = out / index_name(shard_name(shard))
+    if "index_sha256" in info and index.is_file() and (not verify or sha256_file(index) == info["index_sha256"]):
+        return "done"
+    # a finished tar without a good index: build it from the tar rather than encode the images again
+    try:
+        rows = index_from_tar(tar)
+    except (InputError, ValueError) as e:
+        print(f"precompute: {tar} cannot be indexed ({e}); redoing it", file=sys.stderr)
+        return "redo"
+    if len(rows) != info.get("count"):
+        print(f"precompute: {tar} holds {len(rows)} samples, its sidecar says {info.get('count')}; redoing it",
+              file=sys.stderr)
+        return "redo"
+    write_index(tar, rows)
+    atomic_write_json(side, {**info, **_file_facts(out, shard)}, indent=None)
+    return "indexed"
 
 
 def _remove_stale_temps(out: Path, shards: list[int], older_than: float | None = None) -> None:
     """Delete temporary files left by killed runs: those of `shards`, and (if `older_than` is given)
     the folder-level ones (manifest/stats/…) last modified before that time."""
     for s in shards:
-        for stem in (shard_name(s), sidecar_name(s)):
+        for stem in (shard_name(s), index_name(shard_name(s)), sidecar_name(s)):
             for p in out.glob(f".{stem}.*.tmp"):
                 p.unlink(missing_ok=True)
     if older_than is not None:
@@ -283,12 +309,13 @@ def _land(item: tuple, collector: _ShardCollector) -> None:
 
 
 def _write_shard_files(out: Path, acc: _ShardAccumulator, images: ImageList, store_indices: bool) -> dict:
-    """Tar (atomic rename), then its sidecar (atomic): the sidecar's presence marks the shard done."""
+    """Tar and its index (atomic renames), then its sidecar (atomic): the sidecar's presence marks the
+    shard done."""
     samples = list(zip(acc.keys, acc.moments, acc.labels))
     sha = write_shard(out / shard_name(acc.shard), samples, acc.indices if store_indices else None)
     sums = acc.sums if acc.sums is not None else np.zeros((2, 0))
     info = {
-        "name": shard_name(acc.shard), "count": len(samples), "sha256": sha,
+        "name": shard_name(acc.shard), "count": len(samples), "sha256": sha, **_file_facts(out, acc.shard),
         "rejected": [[i, images.names[i], reason] for i, reason in sorted(acc.rejected)],
         "sum": sums[0].tolist(), "sumsq": sums[1].tolist(), "elements": acc.elements,
         "max_label": max(acc.labels, default=-1),
@@ -323,7 +350,8 @@ def _assemble(out: Path, ident: dict, images: ImageList, num_shards: int, order_
         classes = [str(c) for c in range(max(i["max_label"] for i in infos) + 1)]
     manifest = {
         "format": FORMAT, "num_samples": num_samples, "samples_per_shard": ident["samples_per_shard"],
-        "shards": [{"name": i["name"], "count": i["count"], "sha256": i["sha256"]} for i in infos],
+        "shards": [{k: i[k] for k in ("name", "count", "sha256", "size", "index_sha256", "index_size")}
+                   for i in infos],
         "vae": ident["vae"], "resolution": ident["resolution"], "classes": classes,
         "num_rejected": len(rejected), "quantizer": ident["quantizer"],
     }
@@ -350,9 +378,10 @@ def _channel_order(reader: LatentShards, max_samples: int) -> list[int]:
 def run(cfg: PrecomputeConfig, rank: int = 0, world: int = 1, local_rank: int = 0) -> dict:
     """Encode this rank's unfinished shards, then assemble the folder if every shard is done.
 
-    Returns a summary dict (also printed as one line): inputs, shards, encoded images, skipped shards,
-    seconds and images/s of the whole call, images/s of the decode-encode-write loop alone, and
-    `manifest` (None while other ranks still have shards to finish).
+    Returns a summary dict (also printed as one line): inputs, shards, encoded images, skipped shards
+    (`indexed_shards` of them got their member index built from the tar on this call), seconds and
+    images/s of the whole call, images/s of the decode-encode-write loop alone, and `manifest` (None
+    while other ranks still have shards to finish).
     """
     started = time.time()
     out = Path(cfg.output)
@@ -376,7 +405,9 @@ def run(cfg: PrecomputeConfig, rank: int = 0, world: int = 1, local_rank: int = 
     num_shards = math.ceil(n / per)
     mine = [s for s in range(num_shards) if s % world == rank]
     _remove_stale_temps(out, mine)
-    pending = [s for s in mine if not _shard_is_done(out, s, cfg.verify_existing)]
+    states = {s: _shard_state(out, s, cfg.verify_existing) for s in mine}
+    pending = [s for s in mine if states[s] == "redo"]
+    indexed = sum(state == "indexed" for state in states.values())
     batches = [list(range(start, min(start + cfg.batch_size, stop)))  # never across a shard boundary
                for s in pending
                for stop in [min(n, (s + 1) * per)]
@@ -401,7 +432,7 @@ def run(cfg: PrecomputeConfig, rank: int = 0, world: int = 1, local_rank: int = 
         manifest = _assemble(out, ident, images, num_shards, cfg.order_samples, started)
     seconds = time.time() - started
     summary = {"inputs": n, "shards": num_shards, "rank_shards": len(mine), "skipped_shards": len(mine) - len(pending),
-               "encoded": encoded, "seconds": seconds, "images_per_s": encoded / seconds,
+               "indexed_shards": indexed, "encoded": encoded, "seconds": seconds, "images_per_s": encoded / seconds,
                "loop_images_per_s": encoded / loop_seconds if encoded else 0.0, "manifest": manifest}
     where = f"rank {rank}/{world}: " if world > 1 else ""
     if manifest is not None:
@@ -409,8 +440,9 @@ def run(cfg: PrecomputeConfig, rank: int = 0, world: int = 1, local_rank: int = 
                 f"(see {out / REJECTED})")
     else:
         done = "other ranks' shards still running; the last to finish writes the manifest"
+    reindexed = f", {indexed} of them indexed from their tars" if indexed else ""
     print(f"precompute: {where}encoded {encoded} images in {seconds:.1f}s ({summary['images_per_s']:.1f} img/s, "
-          f"{summary['skipped_shards']} of {len(mine)} shards already done); {out}: {done}", flush=True)
+          f"{summary['skipped_shards']} of {len(mine)} shards already done{reindexed}); {out}: {done}", flush=True)
     return summary
 
 

@@ -4,8 +4,10 @@
     torchrun --nproc_per_node 8 -m tb_train.train --config ...      (or: deepspeed --num_gpus 8 tools/train.py ...)
 
 The job config (`TrainJobConfig`) is composed of the components' own configs; it is validated in full
-(DeepSpeed's part by DeepSpeed's own config model), the data folder is checked (sha256 of every shard
-unless data.verify=false) and the resolved config is written to `<run.dir>/config.yaml` before any step.
+(DeepSpeed's part by DeepSpeed's own config model), the data folder is checked (shard sizes always;
+with data.verify, the shards' sha256 once per run and manifest, split over the ranks and remembered in
+`<run.dir>/data_verified.json`; each member's crc32 at every read) and the resolved config is written to
+`<run.dir>/config.yaml` before any step.
 A run folder with a `checkpoints/latest` resumes automatically, at any world size; a damaged newest
 checkpoint is reported and an older complete one is used.
 
@@ -116,7 +118,9 @@ def prepare(cfg: TrainJobConfig, source: str, dist: DistInfo) -> Prepared:
     if cfg.samples.vae is not None and not resolve_path(cfg.samples.vae.path).exists():
         raise ConfigError(f"{source}: samples.vae.path: {cfg.samples.vae.path} not found")
     check_eval_config(cfg.eval, source, cfg.samples.vae)
-    loader = LatentLoader(cfg.data, dist.rank, dist.world, cfg.engine.grad_accum)
+    # data.verify: this rank hashes its share of the shards (none on a restart that recorded this manifest in
+    # run.dir); `agreed` around prepare stops every rank if any share is damaged
+    loader = LatentLoader(cfg.data, dist.rank, dist.world, cfg.engine.grad_accum, run_dir=cfg.run.dir)
     check_data_matches_model(loader, cfg.model, source)
     plan = None
     if cfg.checkpoint.resume:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Any, Callable, IO
 
@@ -48,6 +49,44 @@ def atomic_write_with(path: str | os.PathLike, write: Callable[[IO[bytes]], None
     return path
 
 
+class _ErrorKeepingFile:
+    """A binary file's `write` and `flush`, remembering the first OSError they raised."""
+
+    def __init__(self, f: IO[bytes]):
+        self._f, self.error = f, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        try:
+            self._f.flush()
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+
+def atomic_write_stream(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
+    """`atomic_write_with` for a serializer that hides the file's OSError: torch.save's zip writer turns a
+    full disk into `RuntimeError: [enforce fail at inline_container.cc] unexpected pos …`, with no errno.
+    The first OSError the file raised (ENOSPC, EIO, …) is raised instead of what the serializer made of
+    it, so the caller can report the errno. `write` gets an object with `write` and `flush` only."""
+    def guarded(f: IO[bytes]) -> None:
+        kept = _ErrorKeepingFile(f)
+        try:
+            write(kept)  # type: ignore[arg-type]  (the two methods a serializer's buffer needs)
+        except Exception:
+            if kept.error is not None:
+                raise kept.error from None
+            raise
+
+    return atomic_write_with(path, guarded)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return atomic_write_with(path, lambda f: f.write(data))
 
@@ -82,5 +121,16 @@ def sha256_files(paths: list[str | os.PathLike], chunk: int = HASH_CHUNK) -> str
     return digest.hexdigest()
 
 
-__all__ = ["atomic_write_with", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
-           "atomic_torch_save", "sha256_file", "sha256_files", "default_file_mode"]
+def crc32_file(path: str | os.PathLike, chunk: int = HASH_CHUNK) -> str:
+    """CRC-32 of a file as 8 hex digits, read in chunks: the fast checksum that tells a checkpoint file
+    damaged after it was written (why CRC-32 and not a cryptographic hash: tb_train/engine/checkpoint.py).
+    zlib releases the GIL while it hashes, so several files can be verified by threads in parallel."""
+    crc = 0
+    with open(path, "rb", buffering=0) as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            crc = zlib.crc32(block, crc)
+    return f"{crc:08x}"
+
+
+__all__ = ["atomic_write_with", "atomic_write_stream", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
+           "atomic_torch_save", "sha256_file", "sha256_files", "crc32_file", "default_file_mode"]

@@ -292,17 +292,23 @@ def test_member_damaged_after_a_verified_start_stops_training_in_one_line(train_
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_shard_damaged_in_rank_1_share_stops_both_ranks_before_any_step(train_setup):
-    setup = train_setup
-    data = setup.root / "data_bad_share"
+@pytest.mark.parametrize("with_checkpoint", [False, True])
+def test_shard_damaged_in_rank_1_share_stops_both_ranks_before_any_step(train_setup, with_checkpoint):
+    """Also with checkpoints to resume from: rank 1 failing its data check must not leave rank 0 waiting
+    in the checkpoint verification's collective (that pairing hung before resume planning was split out
+    of `prepare`)."""
+    setup, name = train_setup, f"bad_share_{int(with_checkpoint)}"
+    data = setup.root / f"data_{name}"
     shutil.copytree(setup.data, data)
+    if with_checkpoint:
+        shutil.copytree(setup.reference / "checkpoints", setup.root / name / "checkpoints")
     shard = data / shard_name(1)                                    # shards 1, 3: rank 1's share
     raw = bytearray(shard.read_bytes())
     raw[2000] ^= 0xFF
     shard.write_bytes(bytes(raw))
-    job = setup.start("bad_share", 2, f"data.path={data}")
+    job = setup.start(name, 2, f"data.path={data}")
     assert job.wait(300) == [2, 2], job.log_text()
     errors = [line for line in job.logs[0].read_text().splitlines() if line.startswith("tb-train: error:")]
     assert len(errors) == 1 and errors[0].startswith(f"tb-train: error: rank 1: shard {shard}: sha256 mismatch"), \
         job.log_text()
-    assert setup.steps("bad_share") == {} and not (setup.root / "bad_share" / VERIFIED_MARKER).exists()
+    assert setup.steps(name) == {} and not (setup.root / name / VERIFIED_MARKER).exists()

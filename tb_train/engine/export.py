@@ -3,8 +3,11 @@
     tb-export RUN_DIR_OR_CKPT --out model.safetensors [--raw] [--tag step_00001000]
 
 RUN_DIR_OR_CKPT is a run folder (uses checkpoints/latest), a checkpoint folder (uses its `latest`) or one
-tag folder. It runs as a single process on CPU and reads the files directly, whatever the ZeRO stage and
-world size of the run: the raw fp32 master weights come from DeepSpeed's ZeRO files
+tag folder. The checkpoint is first verified as a resume verifies it (every recorded size and CRC-32,
+`find_damage`, all files in this one process): a damaged one is a one-line CheckpointError naming the
+file, without a fallback (the user named this checkpoint; `--tag` picks another). It runs as a single
+process on CPU and reads the files directly, whatever the ZeRO stage and world size of the run: the raw
+fp32 master weights come from DeepSpeed's ZeRO files
 (`get_fp32_state_dict_from_zero_checkpoint`, or the module state of a stage-0 fp32 run), the EMA from the
 per-rank EMA pieces (`tb_train.engine.ema.consolidate`); buffers (the quantizer table) come from the module state.
 
@@ -27,7 +30,8 @@ from tb_core.errors import CheckpointError
 from tb_model.config import ModelConfig, resolve
 from tb_model.registry import create
 from tb_train.engine.activation_ckpt import canonical_name
-from tb_train.engine.checkpoint import DS_MODEL_STATES, EMA_PART, RANK_FILE_GLOB, locate, read_train_state
+from tb_train.engine.checkpoint import (DS_MODEL_STATES, EMA_PART, RANK_FILE_GLOB, checksum_note, find_damage, locate,
+                                       read_train_state)
 from tb_train.cli import run_main
 from tb_train.engine.ema import consolidate
 
@@ -71,6 +75,12 @@ def export(path: str | os.PathLike, out: str | os.PathLike, raw: bool = False, t
     tag = tag or latest
     if not (ckpt_dir / tag).is_dir():
         raise CheckpointError(f"{ckpt_dir / tag}: no such checkpoint")
+    problem = find_damage(ckpt_dir / tag)
+    if problem is not None:
+        raise CheckpointError(f"{problem} (checkpoint {ckpt_dir / tag}; --tag exports another one)")
+    note = checksum_note(ckpt_dir / tag, read_train_state(ckpt_dir, tag))
+    if note:
+        print(f"tb-export: warning: {note}", file=sys.stderr, flush=True)
     cfg = model_config_of(run_dir)
     weights = raw_state_dict(ckpt_dir, tag)
     if not raw:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tb_core.errors import InputError
-from tb_train.engine.checkpoint import CHECKPOINTS, read_latest
+from tb_train.engine.checkpoint import CHECKPOINTS, checksum_note, find_damage, read_latest, read_train_state
 from tb_train.launch import records
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
@@ -78,7 +78,19 @@ def wait_for(run_dir: str | Path, entry: dict[str, Any], timeout_s: float, poll_
 
 
 def last_checkpoint(run_dir: str | Path) -> str | None:
-    return read_latest(Path(run_dir) / CHECKPOINTS)
+    """The tag `latest` names, verified as a resume verifies it (sizes and CRC-32 of every file):
+    "step_00000020", "step_00000020 (damaged: <what, naming the file>)" (a resume will fall back past it),
+    or "step_00000020 (sizes checked; no checksums: written by an older version)"; None: no checkpoint."""
+    ckpt_dir = Path(run_dir) / CHECKPOINTS
+    tag = read_latest(ckpt_dir)
+    if tag is None:
+        return None
+    problem = find_damage(ckpt_dir / tag)
+    if problem is not None:
+        return f"{tag} (damaged: {problem})"
+    if checksum_note(ckpt_dir / tag, read_train_state(ckpt_dir, tag)):
+        return f"{tag} (sizes checked; no checksums: written by an older version)"
+    return tag
 
 
 def report(run_dir: str | Path) -> str:

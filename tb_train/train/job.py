@@ -104,7 +104,6 @@ def calibration_latents(loader: LatentLoader, max_samples: int = 4096) -> torch.
 class Prepared:
     """What `prepare` checked and built before anything is written."""
     loader: LatentLoader
-    plan: ResumePlan | None
 
 
 def prepare(cfg: TrainJobConfig, source: str, dist: DistInfo) -> Prepared:
@@ -122,12 +121,17 @@ def prepare(cfg: TrainJobConfig, source: str, dist: DistInfo) -> Prepared:
     # run.dir); `agreed` around prepare stops every rank if any share is damaged
     loader = LatentLoader(cfg.data, dist.rank, dist.world, cfg.engine.grad_accum, run_dir=cfg.run.dir)
     check_data_matches_model(loader, cfg.model, source)
-    plan = None
-    if cfg.checkpoint.resume:
-        plan = plan_resume(checkpoint_dir(cfg), dist.world, int(ds["zero_optimization"]["stage"]), cfg.engine.precision,
-                           warn=None if not dist.is_main else
-                           (lambda msg: print(f"{PROG}: warning: {msg}", file=sys.stderr, flush=True)))
-    return Prepared(loader, plan)
+    return Prepared(loader)
+
+
+def resume_plan(cfg: TrainJobConfig, dist: DistInfo) -> ResumePlan | None:
+    """Collective: the ranks verify the checkpoint's files in parallel and agree; run after `prepare` was agreed."""
+    if not cfg.checkpoint.resume:
+        return None
+    ds = deepspeed_config(cfg.engine, cfg.optim, cfg.data.micro_batch, dist.world)
+    return plan_resume(checkpoint_dir(cfg), dist.world, int(ds["zero_optimization"]["stage"]), cfg.engine.precision,
+                       warn=None if not dist.is_main else
+                       (lambda msg: print(f"{PROG}: warning: {msg}", file=sys.stderr, flush=True)))
 
 
 def build_model_fn(cfg: TrainJobConfig, loader: LatentLoader) -> Callable[[], nn.Module]:
@@ -167,9 +171,9 @@ def run(cfg: TrainJobConfig, source: str = "<config>", hooks: Iterable[Hook] = (
         # one job per run folder: a second tb-train (or a manual restart racing a requeue) stops here
         lock = agreed(dist, lambda: RunLock(cfg.run.dir, PROG).acquire() if dist.is_main else None)
         prep = agreed(dist, lambda: prepare(cfg, source, dist))
+        plan = agreed(dist, lambda: resume_plan(cfg, dist))
         if dist.is_main:
             dump_config(cfg, Path(cfg.run.dir) / "config.yaml")
-        plan = prep.plan
         engine = build_engine(build_model_fn(cfg, prep.loader), cfg.engine, cfg.optim, cfg.data.micro_batch, dist,
                               load_universal=bool(plan and plan.universal))
         metrics = build_metrics(cfg, dist, engine, prep.loader)

@@ -18,11 +18,21 @@ classes.
 Sampling draws one uniform per (position, step) up front and inverts the softmax CDF, so the cached
 loop (a preallocated KV cache, one new token per step) and the uncached prefix recomputation (the
 released code's way) consume identical random numbers and pick identical tokens.
+
+`sample_step` is the part of sampling that torch.compile fuses (`TokenBridge.generation_fns`): for the AR
+head one token through the cached trunk, its classifier and the pick, with the step's classifier weights
+passed in as tensors, so that one compiled function serves every step (the step index reaches it only
+as the cache position); the loop over steps stays in Python, which keeps compiling fast: a compiled
+loop unrolls steps x blocks into one graph (measured at L's head shape on the 2-core CPU: 105 s of
+dynamo/AOT tracing for the loop, 32 s for the three traces of the step function).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .mar import LN_EPS, Attention, Mlp, init_layers
@@ -202,12 +212,15 @@ class ARHead(_HeadBase):
 
     @torch.no_grad()
     def sample(self, z: Tensor, temperature: float = 1.0, generator: torch.Generator | None = None,
-               use_cache: bool = True, uniforms: Tensor | None = None) -> tuple[Tensor, Tensor]:
+               use_cache: bool = True, uniforms: Tensor | None = None,
+               step: Callable[..., tuple[Tensor, Tensor]] | None = None) -> tuple[Tensor, Tensor]:
         """Sample tokens step by step: z [N, cond_dim] -> (tokens [N, C] long, summed log-prob [N]).
 
         use_cache=False recomputes the whole prefix at every step (the released code's loop).
         uniforms [N, steps] (optional) replaces the draw from `generator` (per-sample random streams).
+        step: the cached loop's per-token function, `sample_step` (default) or a compiled version of it.
         """
+        step = self.sample_step if step is None else step
         N = z.shape[0]
         if uniforms is None:
             uniforms = torch.rand(N, self.steps, device=z.device, generator=generator)
@@ -220,21 +233,39 @@ class ARHead(_HeadBase):
             depth, width = len(self.blocks), cond.shape[-1]
             caches = torch.empty(depth, 2, N, heads, self.steps, head_dim, device=z.device, dtype=cond.dtype)
             mods = torch.empty(depth, N, self.steps, 6 * width, device=z.device, dtype=cond.dtype)
-            final_mod = self.final.adaLN_modulation(c_all)
+            # A copy, not the Linear's output view: a compiled `step` guards on the sizes of an input
+            # view's base, and chance equalities there (N S = 2 width) would trigger recompiles.
+            final_mod = self.final.adaLN_modulation(c_all).clone()
         for s in range(self.steps):
             if use_cache:
-                x = self._inputs(cond, picked)[:, s:s + 1] if s == 0 else (
+                x = self._inputs(cond, picked) if s == 0 else (
                     self.token_embed[s - 1](picked[:, s - 1])[:, None] + self.pos_embed[:, s:s + 1].to(cond.dtype))
-                for i, blk in enumerate(self.blocks):
-                    x = blk(x, c_all, caches[i], s, mods[i])
-                h = self.final.apply_modulation(self.norm(x), final_mod[:, s:s + 1])
+                classifier = self.classifiers[s]
+                tok, lp = step(x, s, c_all, caches, mods, final_mod, classifier.weight, classifier.bias,
+                               uniforms[:, s].contiguous(), temperature)
             else:
                 x = self._inputs(cond, picked)
                 h = self._trunk(x, c_all[:, :s + 1])[:, s:s + 1]
-            tok, lp = pick_tokens(self._classify(h, s)[:, 0], uniforms[:, s], temperature)
+                tok, lp = pick_tokens(self._classify(h, s)[:, 0], uniforms[:, s], temperature)
             picked = torch.cat([picked, tok[:, None]], dim=1)
             logp += lp
         return self.ungroup_tokens(picked), logp
+
+    def sample_step(self, x: Tensor, pos: int, c_all: Tensor, caches: Tensor, mods: Tensor, final_mod: Tensor,
+                    weight: Tensor, bias: Tensor, uniforms: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+        """One step of the cached loop: the input token x [N, 1, w] at step `pos` through the trunk, then
+        step `pos`'s classifier (weight, bias) and the pick with the step's uniforms [N] -> (classes [N],
+        log p [N]).
+
+        caches [depth, 2, N, heads, S, head_dim] and mods [depth, N, S, 6 w] are the loop's KV and
+        modulation caches (written here: mods at pos 0, the KV rows at pos), final_mod [N, S, 2 w] the
+        final modulation of every step. The caller passes whole tensors and fresh ones (no views of a
+        larger tensor), so that a compiled version sees the same input layout at every step.
+        """
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, c_all, caches[i], pos, mods[i])
+        h = self.final.apply_modulation(self.norm(x), final_mod[:, pos:pos + 1])
+        return pick_tokens(F.linear(h[:, 0], weight, bias), uniforms, temperature)
 
     def _attn_shape(self) -> tuple[int, int]:
         """(heads, head_dim) read from the first block's attention, through a wrapper if present."""
@@ -262,9 +293,18 @@ class ParallelHead(_HeadBase):
 
     @torch.no_grad()
     def sample(self, z: Tensor, temperature: float = 1.0, generator: torch.Generator | None = None,
-               use_cache: bool = True, uniforms: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """One pass for all steps: z [N, cond_dim] -> (tokens [N, C], summed log-prob [N])."""
+               use_cache: bool = True, uniforms: Tensor | None = None,
+               step: Callable[..., tuple[Tensor, Tensor]] | None = None) -> tuple[Tensor, Tensor]:
+        """One pass for all steps: z [N, cond_dim] -> (tokens [N, C], summed log-prob [N]).
+
+        use_cache is unused (nothing to cache); step: `sample_step` (default) or a compiled version of it.
+        """
         if uniforms is None:
             uniforms = torch.rand(z.shape[0], self.steps, device=z.device, generator=generator)
+        return (self.sample_step if step is None else step)(z, uniforms, temperature)
+
+    def sample_step(self, z: Tensor, uniforms: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+        """The parallel head's only step: every step's tokens at once, z [N, cond_dim], uniforms [N, steps]
+        -> (tokens [N, C], summed log-prob [N])."""
         tok, lp = pick_tokens(self.forward(z), uniforms, temperature)
         return self.ungroup_tokens(tok), lp.sum(dim=1)

@@ -133,12 +133,38 @@ def truncnorm_mean_ratio(ratio_min: float, scale: float = 0.25) -> float:
     return 1.0 + scale * (pdf(a) - pdf(0.0)) / (cdf(0.0) - cdf(a))
 
 
+def masked_count(mask: Tensor) -> int:
+    """Masked positions per row of a bool mask [B, L] (True = masked), read on the host.
+
+    One device sync: only for callers that hold a mask but not its count (tests, a mask given to
+    `TokenBridge.forward`). Every row must hold the same count (MAR draws one ratio per batch).
+    """
+    count = int(mask[0].sum())
+    if not bool((mask.sum(1) == count).all()):
+        raise ValueError("every row of the mask must hold the same number of masked positions")
+    return count
+
+
+def mask_positions(mask: Tensor, count: int, masked: bool = True) -> Tensor:
+    """The `count` masked (or, masked=False, known) positions of every row, in increasing order:
+    bool [B, L] -> long [B, count].
+
+    The count comes from the caller's host-side bookkeeping, so the result has a shape known without
+    looking at the device (boolean indexing `x[mask]` would have to read it back: a host sync, and a
+    graph break under torch.compile). A stable sort keeps the positions in order, so a gather with
+    them picks the same rows in the same order as `x[mask]` did.
+    """
+    key = mask if masked else ~mask
+    return key.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :count]
+
+
 class MAR(nn.Module):
     """Masked encoder-decoder over a grid of `seq_len` latent tokens of `token_dim` values each.
 
-    forward(values [B, L, C], mask bool [B, L] (True = unknown), labels long [B]) -> z [B, L, width].
+    forward(values [B, L, C], mask bool [B, L] (True = unknown), labels long [B], num_masked) -> z [B, L, width].
     Every row of `mask` must hold the same number of unknown positions (MAR draws one mask ratio per
-    batch; generation masks whole batches alike). Label `num_classes` means the fake class.
+    batch; generation masks whole batches alike), `num_masked`, given by the caller so that the pass
+    never waits for the device. Label `num_classes` means the fake class.
     """
 
     def __init__(self, seq_len: int, token_dim: int, width: int, encoder_depth: int, decoder_depth: int,
@@ -201,17 +227,20 @@ class MAR(nn.Module):
         return torch.where(fake[:, None], self.fake_latent.to(emb.dtype), emb)
 
     # -- network ---------------------------------------------------------------------------------
-    def forward(self, values: Tensor, mask: Tensor, labels: Tensor) -> Tensor:
+    def forward(self, values: Tensor, mask: Tensor, labels: Tensor, num_masked: int | None = None) -> Tensor:
+        """num_masked: the number of True per row of `mask`, when the caller knows it on the host (the
+        training mask count, the generation schedule). The encoder's sequence length depends on it, so
+        reading it from the mask would stop the host until the device catches up (and break a
+        torch.compile graph); None reads it from the mask (`masked_count`, for callers holding only a mask).
+        """
         B, L, _ = values.shape
-        known = ~mask
-        n_known = int(known[0].sum())
-        if not bool((known.sum(1) == n_known).all()):
-            raise ValueError("every row of the mask must hold the same number of masked positions")
+        if num_masked is None:
+            num_masked = masked_count(mask)
         buf = self.buffer_size
         # Indices of the buffer plus the known positions, in increasing position order.
         keep = torch.cat([
             torch.arange(buf, device=values.device).expand(B, buf),
-            known.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :n_known] + buf,
+            mask_positions(mask, L - num_masked, masked=False) + buf,
         ], dim=1)
 
         x = self.z_proj(values)

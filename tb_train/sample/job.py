@@ -209,6 +209,7 @@ def _sample(cfg: SampleJobConfig, out: Path, info: DistInfo) -> dict | None:
         raise ConfigError(f"vae.path: the VAE has {vae.latent_channels} latent channels, the model "
                           f"{model.config.latent_channels}")
     record = _record(cfg, model_file, meta, vae, labels, rule, (side, side), world)
+    record["precision"] = Sampler.resolve_precision(cfg.sampling.precision, device)  # "auto" as resolved here
     _check_resume(out, record)
     width = index_width(len(labels))
     done = _existing(out, width)

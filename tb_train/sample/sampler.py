@@ -3,6 +3,10 @@
 
 Sample i's class, MAR order and head random numbers come from (seed, i) alone — a generator per sample,
 seeded with `sample_seed(seed, i)` — so the set of images is identical for any world size and batch size.
+
+Precision "auto" (the default) runs the model under bf16 autocast on a GPU and in fp32 elsewhere, so every
+caller (tb-sample, the training grid, evaluation during training) gets the fast path on a GPU without
+setting anything; `Sampler.precision` is what actually ran, the value a record of the images must hold.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from torch import Tensor
 
 from tb_core.errors import ConfigError
 from tb_model.pretrained import read_config
-from tb_model.tokenbridge import TokenBridge
+from tb_model.tokenbridge import GenerationFns, TokenBridge, to_device
 from tb_train.engine.rng import derive_seed
 
 SEED_STREAM = 2  # derive_seed stream of sampling (0: model randomness, 1: posterior noise in training)
@@ -35,8 +39,9 @@ class SamplingConfig:
     temperature: float = 1.0                                  # paper: 0.97 L, 0.91 H
     order: Literal["random", "raster", "confidence"] = "random"
     batch_size: int = 32                                      # images per generate call per rank (no effect on images)
-    precision: Literal["fp32", "bf16"] = "fp32"               # bf16: autocast of the model; VAE decode in fp32
+    precision: Literal["auto", "fp32", "bf16"] = "auto"       # auto: bf16 on CUDA, else fp32; bf16 = model autocast
     official: bool = False                                    # the released loop (2 MAR passes, no KV cache)
+    compile: bool = False                                     # torch.compile MAR pass + head sampling (per Sampler)
 
     def __post_init__(self) -> None:
         if self.num_iter < 1:
@@ -59,17 +64,32 @@ def to_uint8(images: Tensor) -> Tensor:
 
 
 class Sampler:
-    """model + VAE + settings -> images. Stateless apart from the modules it holds.
+    """model + VAE + settings -> images. Stateless apart from the modules it holds and, with
+    `settings.compile`, the compiled MAR pass and head sampling step (traced in the first batch, reused after).
 
     model: a TokenBridge in eval mode on `device`; vae: a LatentVAE (None: `latents` only).
+    compile_kwargs: extra torch.compile arguments when `settings.compile` (e.g. backend="aot_eager" where
+    inductor's code generation would take minutes: CPU tests, tools/gpu_check.py --tiny).
+    `precision`: the resolved `settings.precision` ("fp32" or "bf16"; never "auto").
     """
 
-    def __init__(self, model: torch.nn.Module, vae, settings: SamplingConfig, device: str | torch.device = "cpu"):
+    def __init__(self, model: TokenBridge, vae, settings: SamplingConfig, device: str | torch.device = "cpu",
+                 compile_kwargs: dict | None = None):
         self.model, self.vae, self.settings = model, vae, settings
         self.device = torch.device(device)
+        self.precision = self.resolve_precision(settings.precision, self.device)
+        self._fns: GenerationFns = model.generation_fns(compiled=settings.compile, **(compile_kwargs or {}))
+
+    @staticmethod
+    def resolve_precision(precision: str, device: str | torch.device) -> str:
+        """"auto" -> "bf16" on CUDA (tensor cores), "fp32" elsewhere (a CPU without AMX or AVX512-BF16
+        runs bf16 ~20x slower than fp32); "fp32" and "bf16" stay as they are."""
+        if precision != "auto":
+            return precision
+        return "bf16" if torch.device(device).type == "cuda" else "fp32"
 
     def _autocast(self):
-        if self.settings.precision == "bf16":
+        if self.precision == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
@@ -77,12 +97,12 @@ class Sampler:
     def latents(self, labels: Sequence[int] | Tensor, indices: Sequence[int], seed: int) -> Tensor:
         """Scaled latents [B, C, h, w] of samples `indices` with classes `labels` (one batch)."""
         s = self.settings
-        labels = torch.as_tensor(labels, dtype=torch.long, device=self.device)
+        labels = to_device(torch.as_tensor(labels, dtype=torch.long), self.device)  # no host stall on a GPU
         gens = [torch.Generator().manual_seed(sample_seed(seed, int(i))) for i in indices]
         with self._autocast():
             out = self.model.generate(labels, num_iter=s.num_iter, cfg=s.guidance, cfg_schedule=s.guidance_schedule,
                                       temperature=s.temperature, order=s.order, generator=gens,
-                                      official=s.official)
+                                      official=s.official, fns=self._fns)
         return out.float()
 
     @torch.no_grad()

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from tb_model.tokenbridge import TokenBridge
 from tb_model.vae import VAEConfig, load_vae
 from tb_train.engine.engine import StepResult
 from tb_train.sample.sampler import Sampler, SamplingConfig
@@ -38,6 +39,7 @@ class SampleGrid:
     def __init__(self, cfg: SampleGridConfig, every: int):
         self.cfg, self.every = cfg, every
         self._vae = None
+        self._sampler: Sampler | None = None
 
     def on_step_end(self, trainer: Trainer, result: StepResult) -> None:
         if not self.every or trainer.step % self.every:
@@ -46,12 +48,19 @@ class SampleGrid:
         if not trainer.dist.is_main:
             return
         sc, device = self.cfg, trainer.dist.device
-        settings = dataclasses.replace(sc.sampling, batch_size=sc.num_images)
         labels = [i % trainer.cfg.model.num_classes for i in range(sc.num_images)]
-        latents = Sampler(model, None, settings, device).latents(labels, range(sc.num_images), trainer.cfg.run.seed)
+        latents = self._sampler_for(model, device).latents(labels, range(sc.num_images), trainer.cfg.run.seed)
         with torch.no_grad():
             images = self._decode(latents, device)
         trainer.metrics.log_image_grid("samples/ema", images, trainer.step)
+
+    def _sampler_for(self, model: TokenBridge, device: torch.device) -> Sampler:
+        """One Sampler for as long as the trainer hands over the same EMA model object (it reuses it), so
+        with `sampling.compile` the MAR pass and the head are compiled at the first grid only."""
+        if self._sampler is None or self._sampler.model is not model:
+            settings = dataclasses.replace(self.cfg.sampling, batch_size=self.cfg.num_images)
+            self._sampler = Sampler(model, None, settings, device)
+        return self._sampler
 
     def _decode(self, latents: torch.Tensor, device: torch.device) -> torch.Tensor:
         if self.cfg.vae is None:

@@ -77,6 +77,7 @@ import torch.distributed as tdist
 from tb_core.errors import CheckpointError, ConfigError, TBError
 from tb_core.fileio import atomic_write_json, atomic_write_stream, atomic_write_text, crc32_file
 from tb_train.engine.activation_ckpt import canonical_name
+from tb_train.engine.engine import weight_dtype
 from tb_train.dist import DistInfo, agree, barrier
 
 CHECKPOINTS = "checkpoints"             # <run dir>/checkpoints unless checkpoint.dir says otherwise
@@ -308,13 +309,15 @@ def plan_resume(ckpt_dir: str | os.PathLike, world: int, stage: int, precision: 
 
 
 def _needs_universal(meta: dict, world: int, stage: int, precision: str, where: Path) -> bool:
-    same = meta["world"] == world and meta["zero_stage"] == stage and meta["precision"] == precision
-    replicated = meta["zero_stage"] == 0 and meta["precision"] == "fp32"
-    if replicated and stage == 0 and precision == "fp32":
+    fp32_weights = weight_dtype(precision) == torch.float32        # fp32 and amp_bf16 share one layout
+    same = (meta["world"] == world and meta["zero_stage"] == stage
+            and weight_dtype(meta["precision"]) == weight_dtype(precision))
+    replicated = meta["zero_stage"] == 0 and weight_dtype(meta["precision"]) == torch.float32
+    if replicated and stage == 0 and fp32_weights:
         return False  # full model+optimizer in rank 0's file, loadable at any world size
     if not same and replicated:
-        raise ConfigError(f"{where}: a ZeRO stage 0 fp32 checkpoint can only be resumed by stage 0 fp32 "
-                          f"(this run: stage {stage} {precision})")
+        raise ConfigError(f"{where}: a ZeRO stage 0 fp32/amp_bf16 checkpoint can only be resumed by stage 0 "
+                          f"fp32/amp_bf16 (this run: stage {stage} {precision})")
     return not same
 
 
@@ -543,8 +546,8 @@ class CheckpointManager:
     def _load_rank_states(self, plan: ResumePlan) -> None:
         eng, dist = self.engine, self.engine.dist
         tag_dir, meta = plan.ckpt_dir / plan.tag, plan.meta
-        same_layout = (meta["world"], meta["zero_stage"], meta["precision"]) == \
-            (dist.world, eng.stage, eng.cfg.precision)
+        same_layout = (meta["world"], meta["zero_stage"], weight_dtype(meta["precision"])) == \
+            (dist.world, eng.stage, weight_dtype(eng.cfg.precision))
         ranks = [dist.rank] if same_layout else list(range(meta["world"]))
         files = {r: _load_file(rank_file(tag_dir, r)) for r in ranks}
         for name, part in self.rank_states.items():

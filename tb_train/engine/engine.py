@@ -6,6 +6,9 @@
   and the merged dict is validated against DeepSpeed's own config model before anything is written;
 - the model is built whole, then DeepSpeed partitions it (ZeRO-3 included, see `build_engine`);
 - activation checkpointing (`tb_train.engine.activation_ckpt`) wraps blocks from outside the model;
+- `precision` picks one of three schemes (`PRECISION_DTYPES`): fp32; bf16 (DeepSpeed's bf16 optimizer: bf16
+  weights and activations, fp32 masters); amp_bf16, the authors' scheme (fp32 weights and optimizer, the
+  forward under DeepSpeed's `torch_autocast` in bf16, LayerNorms and the loss in fp32, see `keep_norms_fp32`);
 - AdamW groups and the LR schedule come from `tb_train.engine.optim`.
 
 `TrainEngine.step` runs one optimizer step over a rank's micro-batches, seeding the model's randomness per
@@ -32,7 +35,32 @@ from tb_train.recipes import config_path
 
 # Fields of the DeepSpeed JSON that the job config owns; a JSON that sets them is rejected, not overridden.
 JOB_OWNED_DS_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-                     "gradient_clipping", "optimizer", "scheduler", "bf16", "fp16")
+                     "gradient_clipping", "optimizer", "scheduler", "bf16", "fp16", "torch_autocast")
+
+Precision = Literal["bf16", "fp32", "amp_bf16"]
+
+# (dtype of the module's weights, dtype of the forward's matmuls) for each `EngineConfig.precision`.
+PRECISION_DTYPES: dict[str, tuple[torch.dtype, torch.dtype]] = {
+    "fp32": (torch.float32, torch.float32),
+    "bf16": (torch.bfloat16, torch.bfloat16),
+    "amp_bf16": (torch.float32, torch.bfloat16),
+}
+
+
+def weight_dtype(precision: str) -> torch.dtype:
+    """dtype of the module's own parameters under `precision`.
+
+    fp32 (fp32 and amp_bf16) means DeepSpeed runs no bf16/fp16 optimizer: the module's parameters are the
+    fp32 masters, so a ZeRO stage-0 checkpoint holds the whole fp32 model in its module states and the whole
+    torch AdamW state, and both precisions share one checkpoint layout. Code that decides how to read or
+    resume a checkpoint must branch on this, not on `precision == "fp32"`."""
+    return PRECISION_DTYPES[precision][0]
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """dtype the forward's matmuls run in under `precision` (bf16 for amp_bf16): the dtype whose peak
+    GEMM rate is the denominator of MFU."""
+    return PRECISION_DTYPES[precision][1]
 
 
 @dataclass
@@ -40,7 +68,7 @@ class EngineConfig:
     """How the model is trained on the machines: ZeRO stage, precision, accumulation, checkpointing."""
     deepspeed: str = "zero2"                    # name in configs/deepspeed/ or a path to a JSON file
     ds_overrides: dict[str, Any] = field(default_factory=dict)  # deep-merged into that JSON
-    precision: Literal["bf16", "fp32"] = "bf16"
+    precision: Precision = "bf16"               # fp32 | bf16 (DeepSpeed bf16) | amp_bf16 (fp32 weights + autocast)
     grad_accum: int = 1                         # micro-batches per rank per optimizer step
     global_batch: int | None = None             # if set: grad_accum = global_batch / (micro_batch * world)
     activation_checkpointing: Literal["none", "full", "every_k"] = "none"
@@ -102,6 +130,12 @@ def deepspeed_config(cfg: EngineConfig, optim: OptimConfig, micro_batch: int, wo
         "train_batch_size": micro_batch * cfg.grad_accum * world,
         "gradient_clipping": optim.grad_clip,
         "bf16": {"enabled": cfg.precision == "bf16"},
+        # amp_bf16 uses DeepSpeed's own autocast around its forward: an autocast opened outside it is
+        # switched off inside on CUDA when this section is disabled. lower_precision_safe_modules [] keeps
+        # every gradient reduction in fp32, as DDP does under the authors' autocast (DeepSpeed's default
+        # would reduce nn.Linear gradients in bf16).
+        "torch_autocast": {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+        if cfg.precision == "amp_bf16" else {"enabled": False},
         "optimizer": {"type": "AdamW", "params": {
             "lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps,
             "weight_decay": optim.weight_decay, "torch_adam": True}},
@@ -161,7 +195,7 @@ class TrainEngine:
         self.ds = engine
         self.cfg, self.optim, self.dist = cfg, optim, dist
         self.stage = engine.zero_optimization_stage()
-        self.dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+        self.dtype = compute_dtype(cfg.precision)  # of the matmuls: the MFU peak is measured in it
         self.ema = ShardedEMA(engine.module, cfg.ema_decay, dist)
         self._group_hparams = [{k: g[k] for k in ("name", "weight_decay", "betas", "eps") if k in g}
                                for g in engine.optimizer.param_groups]
@@ -189,7 +223,8 @@ class TrainEngine:
 
     def _discard_grads_if_unguarded(self) -> None:
         """DeepSpeed's ZeRO and bf16 optimizers skip a step whose gradient norm is not finite; plain
-        stage 0 in fp32 does not, so there the gradients are dropped and torch's AdamW skips every param."""
+        stage 0 with fp32 weights (fp32, amp_bf16) does not, so there the gradients are dropped and torch's
+        AdamW skips every param."""
         if not hasattr(self.ds.optimizer, "overflow"):
             for p in self.ds.module.parameters():
                 p.grad = None
@@ -234,9 +269,26 @@ class TrainEngine:
         return StepResult(loss_value, stats[1:-1].cpu(), grad_norm, lr, skipped)
 
 
+def _norm_input_to_fp32(module: nn.Module, args: tuple) -> tuple:
+    return (args[0].float(), *args[1:])
+
+
+def keep_norms_fp32(model: nn.Module) -> None:
+    """Make every nn.LayerNorm of `model` normalize in fp32 under autocast.
+
+    CUDA autocast runs layer_norm in fp32 itself, CPU autocast does not (its fp32 list lacks layer_norm: a
+    LayerNorm fed a bf16 Linear output, e.g. the attention's q/k norms, would normalize in bf16). Casting
+    the input to fp32 in a forward pre-hook gives the fp32 norm on every device, numerically what CUDA
+    autocast does; the hooks live on the modules, so they also run in activation-checkpointing recomputes."""
+    for m in model.modules():
+        if isinstance(m, nn.LayerNorm):
+            m.register_forward_pre_hook(_norm_input_to_fp32)
+
+
 def build_engine(model_fn: Callable[[], nn.Module], cfg: EngineConfig, optim: OptimConfig, micro_batch: int,
                  dist: DistInfo, load_universal: bool = False) -> TrainEngine:
-    """Build the model, wrap its blocks for activation checkpointing, and initialise DeepSpeed.
+    """Build the model, wrap its blocks for activation checkpointing (and its norms for amp_bf16), and
+    initialise DeepSpeed.
 
     The model is built whole on every rank and ZeRO-3 partitions it inside `deepspeed.initialize`
     (DeepSpeed converts parameters that were not born under `zero.Init`). Building under `zero.Init`
@@ -249,6 +301,8 @@ def build_engine(model_fn: Callable[[], nn.Module], cfg: EngineConfig, optim: Op
     ds_config = deepspeed_config(cfg, optim, micro_batch, dist.world, load_universal)
     model = model_fn()
     apply_activation_checkpointing(model, cfg.activation_checkpointing, cfg.checkpoint_k)
+    if cfg.precision == "amp_bf16":
+        keep_norms_fp32(model)
     groups = param_groups(model, optim)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
     return TrainEngine(engine, cfg, optim, dist)

@@ -8,7 +8,7 @@ tag folder. The checkpoint is first verified as a resume verifies it (every reco
 file, without a fallback (the user named this checkpoint; `--tag` picks another). It runs as a single
 process on CPU and reads the files directly, whatever the ZeRO stage and world size of the run: the raw
 fp32 master weights come from DeepSpeed's ZeRO files
-(`get_fp32_state_dict_from_zero_checkpoint`, or the module state of a stage-0 fp32 run), the EMA from the
+(`get_fp32_state_dict_from_zero_checkpoint`, or the module state of a stage-0 fp32 or amp_bf16 run), the EMA from the
 per-rank EMA pieces (`tb_train.engine.ema.consolidate`); buffers (the quantizer table) come from the module state.
 
 The output is the format of `tb_model.pretrained`: every tensor of the bare TokenBridge state dict in
@@ -34,6 +34,7 @@ from tb_train.engine.checkpoint import (DS_MODEL_STATES, EMA_PART, RANK_FILE_GLO
                                        read_train_state)
 from tb_train.cli import run_main
 from tb_train.engine.ema import consolidate
+from tb_train.engine.engine import weight_dtype
 
 def model_config_of(run_dir: Path) -> ModelConfig:
     path = run_dir / "config.yaml"
@@ -46,7 +47,7 @@ def model_config_of(run_dir: Path) -> ModelConfig:
 def raw_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     """fp32 master weights + buffers under the bare model's names."""
     state = read_train_state(ckpt_dir, tag)
-    if state["zero_stage"] == 0 and state["precision"] == "fp32":
+    if state["zero_stage"] == 0 and weight_dtype(state["precision"]) == torch.float32:  # fp32 or amp_bf16
         sd = torch.load(ckpt_dir / tag / DS_MODEL_STATES, map_location="cpu",
                         weights_only=False)["module"]
     else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -214,7 +215,11 @@ def test_precompute_two_tasks_equals_one_process(slurm_cluster, tmp_path, capsys
     slurm_cluster.wait_gone(job_id, 300)
     assert task_results(tmp_path / "submit_run", job_id) == [0, 0]
     files = sorted(p.relative_to(one).as_posix() for p in one.rglob("*") if p.is_file())
-    assert files == sorted(p.relative_to(two).as_posix() for p in two.rglob("*") if p.is_file())
+    # the job's run locks (one per rank, tb_core.runlock) name their last holder; `run` takes none
+    locks = sorted(p.name for p in two.glob(".tb.lock*"))
+    assert locks == [".tb.lock", ".tb.lock.rank00001"]
+    assert files == sorted(p.relative_to(two).as_posix() for p in two.rglob("*")
+                           if p.is_file() and p.name not in locks)
     differ = [f for f in files if (one / f).read_bytes() != (two / f).read_bytes()]
     assert differ == []
 
@@ -249,3 +254,221 @@ def test_then_chains_with_afterok(slurm_cluster, tmp_path, capsys):
     done = {d: max((tmp_path / d / f"rank{r}.json").stat().st_mtime for r in range(2)) for d in ("first", "second")}
     started = min(os.path.getmtime(p) for p in (tmp_path / "second").glob("rank*.json"))
     assert started >= done["first"]
+
+
+# ---------------------------------------------------------------------- requeue of the other jobs
+# tb-precompute, tb-sample and tb-eval have no step boundary and no save: on a requeue they are killed
+# (or, on SIGUSR2, rank 0 lets submitit requeue the job and exit) and the next attempt reruns the same
+# call, which skips every output already complete. Each test below holds the real job (fixtures.slurm's
+# `probe.hold`) once every rank has part of its output on disk, interrupts it the way Slurm/submitit do,
+# lets the requeue run and compares the result with an uninterrupted run byte for byte.
+
+def attempt_log(run: Path, job_id: str, attempt: int, task: int) -> str:
+    """stdout of one task in one attempt (the attempt record holds where that attempt begins in the log)."""
+    records_ = records.read_attempts(run, job_id)
+    start = records_[attempt]["log_offsets"][task]["out"]
+    end = records_[attempt + 1]["log_offsets"][task]["out"] if attempt + 1 < len(records_) else None
+    text = Path(records.task_logs(run, job_id, 2)[task]["out"]).read_bytes()
+    return text[start:end].decode(errors="replace")
+
+
+def stamps(paths) -> dict[str, tuple[int, int]]:
+    """name -> (inode, mtime_ns): a file rewritten by the next attempt (atomic rename) gets a new inode."""
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in paths}
+
+
+def held_submit(capsys, run: Path, record: Path, job: str, after: int, *argv: str) -> str:
+    return submit(capsys, "fixtures.slurm", "--cluster", CLUSTER, "--run-dir", str(run), f"probe.hold={job}",
+                  f"probe.hold_after={after}", f"probe.record={record}", *argv)
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Hidden files other than the run locks (whose holder info names the last pid): temporaries a killed
+    attempt left behind."""
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") and not p.name.startswith(".tb.lock"))
+
+
+def interrupt(run: Path, job_id: str, how: str, cluster) -> None:
+    """Interrupt a running job as the scheduler does: "usr2" = the time-limit warning alone (what
+    `--signal=USR2@N` sends), "preempt" = submitit's preemption (SIGTERM, then SIGUSR2), "requeue" =
+    `scontrol requeue` (Slurm's own requeue, as PreemptMode=REQUEUE: SIGTERM, SIGKILL after KillWait)."""
+    import submitit
+
+    if how == "requeue":
+        assert cluster.run("scontrol", "requeue", job_id).returncode == 0
+    else:
+        submitit.SlurmJob(folder=records.submit_dir(run) / "logs" / job_id, job_id=job_id)._interrupt(
+            timeout=how == "usr2")
+
+
+@pytest.fixture(scope="module")
+def precompute_reference(tmp_path_factory) -> tuple[list[str], Path]:
+    """The demo precompute (1797 digits, 200 per shard -> 9 shards) run uninterrupted in this process:
+    (the arguments both runs share, its output folder). A rank's shards are the same bytes for any
+    world size (test_precompute_two_tasks_equals_one_process)."""
+    from tb_core.config import load_config
+    from tb_train.data.precompute import PrecomputeConfig, run as precompute
+    from tb_train.recipes import config_path
+
+    root = tmp_path_factory.mktemp("precompute_requeue")
+    args = [f"input=demo:{root / 'images'}", "samples_per_shard=200", "progress=false"]
+    precompute(load_config(PrecomputeConfig, config_path("precompute_demo", "jobs"), args + [f"output={root / 'ref'}"]))
+    return args, root / "ref"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["usr2", "requeue"])
+def test_precompute_requeued_mid_run_equals_uninterrupted(slurm_cluster, precompute_reference, tmp_path, capsys,
+                                                          how):
+    """Both ranks hold after their 2nd shard (4 of 9 on disk), then the time-limit warning (usr2: rank 0
+    requeues through submitit and exits, rank 1 goes on until Slurm stops it) or `scontrol requeue`
+    (SIGTERM stops the decode workers and with them the job). The next attempt must skip the finished
+    shards (their files untouched) and end with the files of one uninterrupted process: manifest, stats,
+    every tar, index and sidecar, byte for byte. usr2 also checks that only the task handled the signal:
+    its DataLoader worker used to run submitit's requeue too and make the task fail in submitit's
+    checkpoint ("A temporary saved file already exists")."""
+    from tb_train.launch.task import REQUEUED_ON_USR2
+
+    args, ref = precompute_reference
+    out, run, record = tmp_path / "out", tmp_path / "run", tmp_path / "hold"
+    t0 = time.time()
+    job_id = held_submit(capsys, run, record, "precompute", 2, "--config", "precompute_demo", *args,
+                         f"output={out}")
+    wait_blocked(record, slurm_cluster, job_id)
+    held = sorted(out.glob("shard-*.json"))
+    assert [p.name for p in held] == [f"shard-{s:06d}.json" for s in range(4)]  # ranks 0 (0, 2) and 1 (1, 3)
+    assert not (out / "manifest.json").exists()
+    before = stamps(out.glob("shard-00000[0-3].*"))
+    t1 = time.time()
+    interrupt(run, job_id, how, slurm_cluster)
+    slurm_cluster.wait_gone(job_id, 400)
+    assert task_results(run, job_id) == [0, 0]
+    attempts = records.read_attempts(run, job_id)
+    assert [(a["attempt"], a["status"]) for a in attempts] == [(0, None), (1, 0)]
+    assert attempts[1]["outcome"] == "finished"
+    if how == "usr2":
+        assert attempts[0]["outcome"] == REQUEUED_ON_USR2
+        assert attempt_log(run, job_id, 0, 0).count("Calling checkpoint method") == 1
+    assert "2 of 5 shards already done" in attempt_log(run, job_id, 1, 0)
+    rank1 = re.search(r"(\d) of 4 shards already done", attempt_log(run, job_id, 1, 1))
+    assert rank1 and int(rank1.group(1)) >= 2  # rank 1 may finish another shard before Slurm stops it
+    assert stamps(out.glob("shard-00000[0-3].*")) == before, "the requeued attempt rewrote finished shards"
+    files = sorted(p.relative_to(ref).as_posix() for p in ref.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(out).as_posix() for p in out.rglob("*")
+                           if p.is_file() and not p.name.startswith(".tb.lock"))
+    assert len([f for f in files if f.endswith(".tar")]) == 9 and "manifest.json" in files
+    assert [f for f in files if (ref / f).read_bytes() != (out / f).read_bytes()] == []
+    assert leftovers(out) == []
+    print(f"\nmeasured ({how}): submit -> held {t1 - t0:.1f} s, signal -> finished {time.time() - t1:.1f} s; "
+          f"attempt 0: {attempts[0]['outcome']}")
+
+
+SAMPLE_ARGS = ["num_samples=20", "seed=3", "sampling.num_iter=4", "sampling.guidance=2.0",
+               "sampling.temperature=1.0", "sampling.batch_size=3", "grid_classes=3", "grid_per_class=2"]
+RUN_SPECIFIC = {"generated_this_run", "seconds_this_run", "images_per_s", "world_size"}
+
+
+@pytest.mark.slow
+def test_sample_requeued_mid_run_equals_uninterrupted(slurm_cluster, tiny_vae_dir, tmp_path, capsys):
+    """submitit's preemption (`job._interrupt()`: SIGTERM, then SIGUSR2) while each rank holds after its
+    4th PNG, i.e. in the middle of its 2nd batch of 3: rank 0 requeues the job and exits, rank 1 finishes
+    its share. The requeued attempt must generate only the missing indices (PNGs on disk at the hold
+    untouched) and end with every PNG, samples.npz and grid.png of an uninterrupted one-process run;
+    samples.json may differ only in what describes this run (timing, count generated, world size)."""
+    import torch
+    from tb_core.config import load_config
+    from tb_model.registry import create
+    from tb_train.launch.task import REQUEUED_ON_USR2
+    from tb_train.sample.job import SampleJobConfig, run_sample
+
+    torch.manual_seed(0)
+    model = create("tiny", latent_size=4, latent_channels=4, num_classes=10).eval().save_pretrained(
+        tmp_path / "tiny.safetensors", metadata={"step": "7", "weights": "ema"})
+    common = [f"model={model}", f"vae.path={tiny_vae_dir}", *SAMPLE_ARGS]
+    ref, out, run, record = tmp_path / "ref", tmp_path / "out", tmp_path / "run", tmp_path / "hold"
+    run_sample(load_config(SampleJobConfig, None, common + [f"out={ref}"]), 0, 1, torch.device("cpu"))
+    t0 = time.time()
+    job_id = held_submit(capsys, run, record, "sample", 4, *common, f"out={out}")
+    wait_blocked(record, slurm_cluster, job_id)
+    held = sorted(out.glob("*_c*.png"))
+    assert len(held) == 8 and not (out / "samples.npz").exists()
+    before = stamps(held)
+    t1 = time.time()
+    interrupt(run, job_id, "preempt", slurm_cluster)
+    slurm_cluster.wait_gone(job_id, 400)
+    assert task_results(run, job_id) == [0, 0]
+    attempts = records.read_attempts(run, job_id)
+    assert [(a["attempt"], a["status"], a["outcome"]) for a in attempts] == \
+        [(0, None, REQUEUED_ON_USR2), (1, 0, "finished")]
+
+    names = sorted(p.name for p in out.glob("*.png") if p.name != "grid.png")
+    assert names == sorted(p.name for p in ref.glob("*.png") if p.name != "grid.png")
+    assert [int(n[:6]) for n in names] == list(range(20))  # every index once: none missing, none twice
+    for name in names + ["grid.png"]:
+        assert (out / name).read_bytes() == (ref / name).read_bytes(), name
+    assert stamps(out / n for n in before) == before, "the requeued attempt regenerated finished samples"
+    assert (out / "samples.npz").read_bytes() == (ref / "samples.npz").read_bytes()
+    assert np.load(out / "samples.npz")["arr_0"].shape == (20, 8, 8, 3)
+    a, b = (json.loads((d / "samples.json").read_text()) for d in (ref, out))
+    assert a["complete"] and b["complete"] and set(a) == set(b)
+    assert {k for k in a if a[k] != b[k]} <= RUN_SPECIFIC
+    assert a["generated_this_run"] == 20 and 0 < b["generated_this_run"] <= 12 and b["world_size"] == 2
+    assert leftovers(out) == []
+    print(f"\nmeasured: submit -> held {t1 - t0:.1f} s, interrupt -> finished {time.time() - t1:.1f} s; "
+          f"requeued attempt generated {b['generated_this_run']} of 20")
+
+
+def _eval_images(n: int, seed: int) -> np.ndarray:
+    """uint8 [n, 16, 16, 3] with some structure (a gradient and a bright square), distinct per seed."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:16, 0:16] / 16
+    out = []
+    for _ in range(n):
+        img = rng.uniform(20, 200, 3) * (0.5 + 0.5 * np.stack([xx, yy, 1 - xx], -1))
+        y, x = rng.integers(0, 8, 2)
+        img[y:y + 5, x:x + 5] += 50
+        out.append(np.clip(img + rng.normal(0, 4, img.shape), 0, 255))
+    return np.stack(out).astype(np.uint8)
+
+
+@pytest.mark.slow
+def test_eval_requeued_mid_run_equals_uninterrupted(slurm_cluster, inception_weights, tmp_path, capsys):
+    """`scontrol requeue` while each rank holds after its first batch of sample features, after rank 0
+    has cached the reference statistics: submitit ignores SIGTERM, so Slurm kills both ranks after KillWait
+    (the attempt is recorded as killed when the next one starts). The requeued attempt must reuse that
+    cache (untouched) and write metrics.json with the uninterrupted run's values exactly (batches of 2
+    line up for 1 and 2 ranks, so the features are the same bits); only the timing fields and the world
+    size may differ."""
+    from tb_core.config import load_config
+    from tb_train.eval.job import EvaluateJobConfig, evaluate
+    from tb_train.launch.task import KILLED
+
+    np.savez(tmp_path / "samples.npz", arr_0=_eval_images(8, seed=1))
+    np.savez(tmp_path / "reference.npz", arr_0=_eval_images(8, seed=0))
+    metrics, run, record = tmp_path / "metrics.json", tmp_path / "run", tmp_path / "hold"
+    args = [f"samples={tmp_path / 'samples.npz'}", f"reference={tmp_path / 'reference.npz'}",
+            f"inception_weights={inception_weights}", f"out={metrics}", "batch_size=2", "splits=2"]
+    evaluate(load_config(EvaluateJobConfig, None, args))
+    want = json.loads(metrics.read_text())
+    for p in [metrics, *tmp_path.glob("reference.npz.tbeval-*.npz")]:  # the Slurm job starts from nothing
+        p.unlink()
+    t0 = time.time()
+    job_id = held_submit(capsys, run, record, "eval", 1, *args)
+    wait_blocked(record, slurm_cluster, job_id)
+    cache = list(tmp_path.glob("reference.npz.tbeval-*.npz"))
+    assert len(cache) == 1 and not metrics.exists()
+    before = stamps(cache)
+    t1 = time.time()
+    interrupt(run, job_id, "requeue", slurm_cluster)
+    slurm_cluster.wait_gone(job_id, 400)
+    assert task_results(run, job_id) == [0, 0]
+    attempts = records.read_attempts(run, job_id)
+    assert [(a["attempt"], a["status"], a["outcome"]) for a in attempts] == \
+        [(0, None, KILLED), (1, 0, "finished")]
+    assert "reference statistics from cache" in attempt_log(run, job_id, 1, 0)
+    assert stamps(cache) == before
+    got = json.loads(metrics.read_text())
+    assert set(got) == set(want) and got["world_size"] == 2
+    assert {k for k in want if want[k] != got[k]} <= {"elapsed_s", "sample_images_per_s", "world_size"}
+    assert want["fid"] > 0 and 0 <= want["precision"] <= 1
+    print(f"\nmeasured: submit -> held {t1 - t0:.1f} s, interrupt -> finished {time.time() - t1:.1f} s")

@@ -16,6 +16,18 @@ saves at the next step boundary, restores the handlers it found (submitit's) and
     same callable: the next attempt resumes from the job's `latest`), runs `scontrol requeue` and exits.
     submitit counts each of these as a timeout against `max_requeues` (jobs under 10 min always do);
     when they are used up it records the job as failed instead.
+
+Jobs without a step boundary (precompute, sample, eval) keep submitit's SIGUSR2 handler: rank 0 requeues
+at once and exits, and the next attempt reruns the call, which skips every output already complete.
+Two things keep that exact and visible:
+  - processes forked inside a task (DataLoader workers) ignore SIGUSR2. They inherit the task's Python
+    handlers, and Slurm signals every process of the step, so without this each worker of rank 0 ran
+    submitit's checkpoint-and-requeue as if it were the task, racing the task on the same pickle file
+    (the task died on submitit's "A temporary saved file already exists") and calling `scontrol requeue`
+    once per process. Workers stop with their task anyway.
+  - rank 0 records the attempt as requeued from inside submitit's handler, before the job unwinds (a job
+    whose cleanup waits for the other ranks may be killed before it returns); an attempt that ended
+    without any record (killed after KillWait) is closed as such when the next attempt starts.
 """
 from __future__ import annotations
 
@@ -34,6 +46,26 @@ from tb_train.dist import export_task_env
 from tb_train.launch import records
 
 EXIT_PREEMPTED = os.EX_TEMPFAIL  # 75: the job saved at a step boundary and wants to be requeued
+
+
+REQUEUED_ON_USR2 = "requeued on SIGUSR2 by submitit (no save: the next attempt reruns and skips what is done)"
+KILLED = "ended without an exit record (killed: KillWait after a requeue or cancel, or a node failure)"
+_FORK_HOOK = []  # register_at_fork has no unregister: once per process
+
+
+def _ignore_usr2_in_child() -> None:
+    """After a fork inside a task: the scheduler's warning is for the task, not for its workers."""
+    try:
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    except ValueError:  # forked from a thread that is not the child's main thread: nothing to reset
+        pass
+
+
+def _close_killed_attempts(run_dir: str, job_id: str, attempt: int) -> None:
+    """Earlier attempts of this job that never recorded an end were killed: say so instead of '(running)'."""
+    for old in records.read_attempts(run_dir, job_id):
+        if old["attempt"] < attempt and old.get("ended") is None:
+            records.end_attempt(records.attempt_path(run_dir, job_id, old["attempt"]), None, KILLED)
 
 
 class JobFailed(RuntimeError):
@@ -78,18 +110,27 @@ class JobTask(submitit.helpers.Checkpointable):
         master = env.hostnames[0] if env.num_nodes > 1 else "127.0.0.1"
         export_task_env(rank, world, env.local_rank, world // env.num_nodes, master, env.job_id)
         requeue_handler = signal.getsignal(signal.SIGUSR2)  # submitit's; the job restores it before returning
-        record = None
+        if not _FORK_HOOK:
+            os.register_at_fork(after_in_child=_ignore_usr2_in_child)
+            _FORK_HOOK.append(True)
+        record, ended = None, []
         if rank == 0:
             done = len(records.read_attempts(self.run_dir, env.job_id))
             restarts = slurm_restart_count()
             attempt = done if restarts is None else restarts
+            _close_killed_attempts(self.run_dir, env.job_id, attempt)
             record = records.start_attempt(self.run_dir, self.job, env.job_id, attempt, world)
+            if callable(requeue_handler):
+                signal.signal(signal.SIGUSR2, self._recording(requeue_handler, record, ended))
         try:
             status = int(importlib.import_module(self.module).main(list(self.argv)) or 0)
         except BaseException as e:  # noqa: B902 - record, then let submitit see it as before
-            if record is not None:  # SystemExit here: submitit's own handler requeued before any save
+            if record is not None and not ended:
                 records.end_attempt(record, None, f"ended by {type(e).__name__}: {str(e)[:200]}")
             raise
+        finally:
+            if record is not None and callable(requeue_handler):
+                signal.signal(signal.SIGUSR2, requeue_handler)
         if status == EXIT_PREEMPTED:
             self._requeue(rank, env.job_id, requeue_handler, record)
         if record is not None:
@@ -97,6 +138,22 @@ class JobTask(submitit.helpers.Checkpointable):
         if status != 0:
             raise JobFailed(f"{self.module}.main exited with status {status} (its error is in the task log)")
         return status
+
+    @staticmethod
+    def _recording(handler: Callable, record: Any, ended: list) -> Callable:
+        """submitit's SIGUSR2 handler, recording on rank 0 how it ended this attempt as it happens."""
+        def on_usr2(signum: int, frame: Any) -> None:
+            try:
+                handler(signum, frame)  # checkpoint() + scontrol requeue + sys.exit(-1), or raises
+            except SystemExit:
+                ended.append(True)
+                records.end_attempt(record, None, REQUEUED_ON_USR2)
+                raise
+            except UncompletedJobError as e:
+                ended.append(True)
+                records.end_attempt(record, None, f"not requeued: {str(e)[:200]}")
+                raise
+        return on_usr2
 
     def _requeue(self, rank: int, job_id: str, handler: Callable | int | None, record: Any) -> None:
         """After a save-and-exit (status 75): rank 0 requeues unless the user cancelled. Never returns."""
@@ -120,4 +177,4 @@ class JobTask(submitit.helpers.Checkpointable):
         raise NotRequeued("submitit's handler returned without requeueing")
 
 
-__all__ = ["JobTask", "JobFailed", "NotRequeued", "slurm_state", "EXIT_PREEMPTED"]
+__all__ = ["JobTask", "JobFailed", "NotRequeued", "slurm_state", "EXIT_PREEMPTED", "REQUEUED_ON_USR2", "KILLED"]

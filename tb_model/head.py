@@ -181,6 +181,11 @@ class _HeadBase(nn.Module):
             x = blk(x, c)
         return self.final(self.norm(x), c)
 
+    def _logits(self, cond: Tensor, x: Tensor) -> Tensor:
+        """Every step's logits [N, S, classes] of the trunk inputs x [N, S, width], conditioned per step on
+        cond [N, width] + the step embedding (teacher-forced AR head, or the parallel head)."""
+        return self._classify(self._trunk(x, cond[:, None] + self.step_embed.to(cond.dtype)))
+
     def _classify(self, h: Tensor, first: int = 0) -> Tensor:
         """h [N, T, w] for steps first..first+T-1 -> logits [N, T, classes]."""
         return torch.stack([self.classifiers[first + i](h[:, i]) for i in range(h.shape[1])], dim=1)
@@ -206,9 +211,7 @@ class ARHead(_HeadBase):
     def forward(self, z: Tensor, tokens: Tensor) -> Tensor:
         """Teacher-forced logits: z [N, cond_dim], tokens [N, C] long (generation order) -> [N, S, classes]."""
         cond = self.cond_proj(z)
-        x = self._inputs(cond, self.group_tokens(tokens)[:, :-1])
-        c = cond[:, None] + self.step_embed.to(cond.dtype)
-        return self._classify(self._trunk(x, c))
+        return self._logits(cond, self._inputs(cond, self.group_tokens(tokens)[:, :-1]))
 
     @torch.no_grad()
     def sample(self, z: Tensor, temperature: float = 1.0, generator: torch.Generator | None = None,
@@ -287,9 +290,7 @@ class ParallelHead(_HeadBase):
     def forward(self, z: Tensor, tokens: Tensor | None = None) -> Tensor:
         """z [N, cond_dim] -> logits [N, S, classes] (tokens unused: no teacher forcing)."""
         cond = self.cond_proj(z)
-        x = cond[:, None] + self.pos_embed.to(cond.dtype)
-        c = cond[:, None] + self.step_embed.to(cond.dtype)
-        return self._classify(self._trunk(x, c))
+        return self._logits(cond, cond[:, None] + self.pos_embed.to(cond.dtype))
 
     @torch.no_grad()
     def sample(self, z: Tensor, temperature: float = 1.0, generator: torch.Generator | None = None,

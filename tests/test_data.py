@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-import tb_train.data.shards as shards_module
 from fixtures.data import NUM_CLASSES, SCALE, decode_rows, write_latent_folder
+from fixtures.precompute import counting_sha256
 from tb_core.errors import ConfigError, InputError
 from tb_train.data.loader import VERIFIED_MARKER, DataConfig, LatentLoader, epoch_order, epoch_views
 from tb_train.data.shards import index_name, sample_key, shard_name
@@ -177,23 +177,10 @@ def test_truncated_shard_without_verify_is_one_line_naming_the_shard(tmp_path, w
     lo.close()
 
 
-def _counting_sha256(monkeypatch) -> list[str]:
-    """Names of the files hashed from now on, in order."""
-    hashed: list[str] = []
-    real = shards_module.sha256_file
-
-    def counting(path, *args, **kwargs) -> str:
-        hashed.append(Path(path).name)
-        return real(path, *args, **kwargs)
-
-    monkeypatch.setattr(shards_module, "sha256_file", counting)
-    return hashed
-
-
 def test_verification_once_per_run_split_over_ranks(tmp_path, monkeypatch):
     data = write_latent_folder(tmp_path / "data", 40, samples_per_shard=5)   # 8 shards
     run = tmp_path / "run"
-    hashed = _counting_sha256(monkeypatch)
+    hashed = counting_sha256(monkeypatch)
     tars = [shard_name(s) for s in range(8)]
 
     def start(world: int, verify: bool = True) -> tuple[list[LatentLoader], list[list[str]]]:

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-
 import tb_train.data.shards as shards_module
 from tb_core.errors import InputError
 from tb_core.fileio import sha256_file
@@ -21,6 +20,8 @@ from tb_train.data.shards import (
     FORMAT, INDEX_DTYPE, MEMBERS, LatentShards, PreadFiles, index_from_tar, index_name, sample_key, shard_name,
     write_shard,
 )
+
+from fixtures.precompute import counting_sha256
 
 
 def _moments(key: int) -> np.ndarray:
@@ -108,19 +109,6 @@ def test_bad_moments_rejected_and_no_partial_file(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def _counting_sha256(monkeypatch) -> list[str]:
-    """Names of the files the reader hashes, in order."""
-    hashed: list[str] = []
-    real = shards_module.sha256_file
-
-    def counting(path, *args, **kwargs) -> str:
-        hashed.append(Path(path).name)
-        return real(path, *args, **kwargs)
-
-    monkeypatch.setattr(shards_module, "sha256_file", counting)
-    return hashed
-
-
 def test_member_index_round_trip(tmp_path):
     keys = [0, 1, 5]
     samples = [(sample_key(k), _moments(k), k % 3) for k in keys]
@@ -204,7 +192,7 @@ def test_damaged_member_is_one_line_naming_shard_and_member(tmp_path, member):
 
 def test_sizes_are_checked_at_open_without_hashing(tmp_path, monkeypatch):
     _write_folder(tmp_path, [[0, 1], [2, 3]])
-    hashed = _counting_sha256(monkeypatch)
+    hashed = counting_sha256(monkeypatch)
     LatentShards(tmp_path, verify=False)
     assert hashed == []
     for name in (shard_name(1), index_name(shard_name(0))):
@@ -246,7 +234,7 @@ def test_folder_without_member_index_is_refused_with_the_fix(tmp_path):
 def test_verify_share_hashes_every_file_once_across_ranks(tmp_path, monkeypatch):
     manifest = _write_folder(tmp_path, [[k] for k in range(7)])
     ds = LatentShards(tmp_path, verify=False)
-    hashed = _counting_sha256(monkeypatch)
+    hashed = counting_sha256(monkeypatch)
     shares = []
     for rank in range(3):
         hashed.clear()

@@ -368,6 +368,17 @@ SAMPLE_ARGS = ["num_samples=20", "seed=3", "sampling.num_iter=4", "sampling.guid
 RUN_SPECIFIC = {"generated_this_run", "seconds_this_run", "images_per_s", "world_size"}
 
 
+def interrupt_until_finished(run: Path, job_id: str, how: str, slurm_cluster, first_outcome: str) -> None:
+    """Interrupt the held first attempt (`how`), wait for the requeued one to finish on both tasks, and
+    check the attempt records: the first ended as `first_outcome`, the second finished with status 0."""
+    interrupt(run, job_id, how, slurm_cluster)
+    slurm_cluster.wait_gone(job_id, 400)
+    assert task_results(run, job_id) == [0, 0]
+    attempts = records.read_attempts(run, job_id)
+    assert [(a["attempt"], a["status"], a["outcome"]) for a in attempts] == \
+        [(0, None, first_outcome), (1, 0, "finished")]
+
+
 @pytest.mark.slow
 def test_sample_requeued_mid_run_equals_uninterrupted(slurm_cluster, tiny_vae_dir, tmp_path, capsys):
     """submitit's preemption (`job._interrupt()`: SIGTERM, then SIGUSR2) while each rank holds after its
@@ -394,12 +405,7 @@ def test_sample_requeued_mid_run_equals_uninterrupted(slurm_cluster, tiny_vae_di
     assert len(held) == 8 and not (out / "samples.npz").exists()
     before = stamps(held)
     t1 = time.time()
-    interrupt(run, job_id, "preempt", slurm_cluster)
-    slurm_cluster.wait_gone(job_id, 400)
-    assert task_results(run, job_id) == [0, 0]
-    attempts = records.read_attempts(run, job_id)
-    assert [(a["attempt"], a["status"], a["outcome"]) for a in attempts] == \
-        [(0, None, REQUEUED_ON_USR2), (1, 0, "finished")]
+    interrupt_until_finished(run, job_id, "preempt", slurm_cluster, first_outcome=REQUEUED_ON_USR2)
 
     names = sorted(p.name for p in out.glob("*.png") if p.name != "grid.png")
     assert names == sorted(p.name for p in ref.glob("*.png") if p.name != "grid.png")
@@ -459,12 +465,7 @@ def test_eval_requeued_mid_run_equals_uninterrupted(slurm_cluster, inception_wei
     assert len(cache) == 1 and not metrics.exists()
     before = stamps(cache)
     t1 = time.time()
-    interrupt(run, job_id, "requeue", slurm_cluster)
-    slurm_cluster.wait_gone(job_id, 400)
-    assert task_results(run, job_id) == [0, 0]
-    attempts = records.read_attempts(run, job_id)
-    assert [(a["attempt"], a["status"], a["outcome"]) for a in attempts] == \
-        [(0, None, KILLED), (1, 0, "finished")]
+    interrupt_until_finished(run, job_id, "requeue", slurm_cluster, first_outcome=KILLED)
     assert "reference statistics from cache" in attempt_log(run, job_id, 1, 0)
     assert stamps(cache) == before
     got = json.loads(metrics.read_text())

@@ -33,7 +33,7 @@ eval:
   splits: 2
   extractor: digits
   reference: {reference}
-  sampling: {{num_iter: 2, cfg: 2.0, batch_size: 3}}
+  sampling: {{num_iter: 2, guidance: 2.0, batch_size: 3}}
 run: {{dir: {run}}}
 """
 

@@ -153,11 +153,14 @@ def test_two_locks_in_one_process_exclude_each_other(tmp_path, monkeypatch):
 def test_a_second_tb_train_on_the_same_run_folder_stops_with_one_line(tmp_path, holder):
     """The jobs take the lock: a tb-train started on a folder that a live process holds exits 2 at once,
     naming the holder, and writes nothing (no config.yaml)."""
+    from fixtures.engine import write_latent_folder
+
+    data = write_latent_folder(tmp_path / "data", num_samples=64, per_shard=32, channels=4, hw=8)
     run = tmp_path / "run"
     proc = holder(run, "tb-train", 120)
     res = subprocess.run([sys.executable, "-m", "tb_train.train", "--config", "demo", f"run.dir={run}",
-                          f"data.path={tmp_path / 'no_data'}"], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "DS_ACCELERATOR": "cpu"})
+                          f"data.path={data}", "eval.every_steps=0", "data.num_workers=0"],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "DS_ACCELERATOR": "cpu"})
     err = [line for line in res.stderr.splitlines() if line.startswith("tb-train")]  # torch may warn first
     assert res.returncode == 2 and len(err) == 1, res.stderr
     assert err[0].startswith("tb-train: error: ") and f"pid {proc.pid}" in err[0] and "another job writes here" in err[0]

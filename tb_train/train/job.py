@@ -168,10 +168,11 @@ def run(cfg: TrainJobConfig, source: str = "<config>", hooks: Iterable[Hook] = (
     preempt = PreemptionFlag()
     trainer = lock = None
     try:
-        # one job per run folder: a second tb-train (or a manual restart racing a requeue) stops here
-        lock = agreed(dist, lambda: RunLock(cfg.run.dir, PROG).acquire() if dist.is_main else None)
         prep = agreed(dist, lambda: prepare(cfg, source, dist))
         plan = agreed(dist, lambda: resume_plan(cfg, dist))
+        # one job per run folder: a second tb-train (or a manual restart racing a requeue) stops here, after
+        # the read-only checks (a bad config writes nothing, not even the lock) and before the first write
+        lock = agreed(dist, lambda: RunLock(cfg.run.dir, PROG).acquire() if dist.is_main else None)
         if dist.is_main:
             dump_config(cfg, Path(cfg.run.dir) / "config.yaml")
         engine = build_engine(build_model_fn(cfg, prep.loader), cfg.engine, cfg.optim, cfg.data.micro_batch, dist,

@@ -295,7 +295,11 @@ def interrupt(run: Path, job_id: str, how: str, cluster) -> None:
     import submitit
 
     if how == "requeue":
-        assert cluster.run("scontrol", "requeue", job_id).returncode == 0
+        # requeue held, release a moment later: a requeued job that slurmd is asked to start within the
+        # second of the requeue is killed as "Job credential revoked" (a Slurm race seen once here)
+        assert cluster.run("scontrol", "requeuehold", job_id).returncode == 0
+        time.sleep(2)
+        assert cluster.run("scontrol", "release", job_id).returncode == 0
     else:
         submitit.SlurmJob(folder=records.submit_dir(run) / "logs" / job_id, job_id=job_id)._interrupt(
             timeout=how == "usr2")

@@ -7,7 +7,6 @@ a fixed MASTER_ADDR/PORT. Neither may move the data order or the losses.
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from tb_core.launcher import child_env
 from tb_train.dist import free_port
 
 from fixtures.engine import REPO, TrainSetup
@@ -29,8 +29,7 @@ def losses(run: Path) -> dict[int, float]:
 
 def test_two_nodes_by_torchrun_rendezvous_equal_one_node_two_ranks(train_setup: TrainSetup, tmp_path):
     run, port = train_setup.root / "two_nodes", free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                             "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    env = child_env()  # torchrun chooses the ranks
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
                                 "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "tb2n",

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .mar import LN_EPS, Attention, Mlp, init_layers
+from .partitioned import full_tensors
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -145,12 +146,16 @@ class _HeadBase(nn.Module):
         init_layers(self)
         for m in self.modules():
             if isinstance(m, nn.Embedding):
-                nn.init.normal_(m.weight, mean=0.0, std=1.0)  # = nn.Embedding.reset_parameters (no padding_idx)
-        nn.init.normal_(self.pos_embed, std=0.02)
-        nn.init.normal_(self.step_embed, std=0.02)
+                with full_tensors([m.weight]):
+                    nn.init.normal_(m.weight, mean=0.0, std=1.0)  # = nn.Embedding.reset_parameters (no padding_idx)
+        for p in (self.pos_embed, self.step_embed):
+            with full_tensors([p]):
+                nn.init.normal_(p, std=0.02)
         for blk in [*self.blocks, self.final]:
-            nn.init.zeros_(blk.adaLN_modulation[-1].weight)
-            nn.init.zeros_(blk.adaLN_modulation[-1].bias)
+            last = blk.adaLN_modulation[-1]
+            with full_tensors(last.parameters()):
+                nn.init.zeros_(last.weight)
+                nn.init.zeros_(last.bias)
 
     def group_tokens(self, tokens: Tensor) -> Tensor:
         """Channel tokens [N, C] (generation order) -> step classes [N, S]."""

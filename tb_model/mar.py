@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from .partitioned import full_tensors
+
 LN_EPS = 1e-6
 
 
@@ -35,14 +37,16 @@ def init_layers(module: nn.Module) -> None:
     """
     for m in module.modules():
         if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+            with full_tensors(m.parameters(recurse=False)):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
         elif isinstance(m, nn.LayerNorm):
-            if m.weight is not None:
-                nn.init.ones_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+            with full_tensors(m.parameters(recurse=False)):
+                if m.weight is not None:
+                    nn.init.ones_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
 
 class Mlp(nn.Module):
@@ -195,11 +199,13 @@ class MAR(nn.Module):
         """The authors' `initialize_weights`: class_emb, fake_latent, mask_token and the three learned
         position embeddings (output_pos_embed = MAR's diffusion_pos_embed_learned) N(0, 0.02); every
         Linear and LayerNorm by `init_layers`. Writes every parameter (also after `to_empty()`)."""
-        nn.init.normal_(self.class_emb.weight, std=0.02)
+        with full_tensors([self.class_emb.weight]):
+            nn.init.normal_(self.class_emb.weight, std=0.02)
         init_layers(self)
         for p in (self.fake_latent, self.mask_token, self.encoder_pos_embed_learned,
                   self.decoder_pos_embed_learned, self.output_pos_embed):
-            nn.init.normal_(p, std=0.02)
+            with full_tensors([p]):
+                nn.init.normal_(p, std=0.02)
 
     # -- randomness of training (torch RNG, so the engine's manual_seed fixes it) -------------------
     def sample_orders(self, batch: int, device: torch.device | str, generator: torch.Generator | None = None) -> Tensor:

@@ -1,0 +1,47 @@
+"""Writing initial values into parameters that ZeRO-3 has already partitioned.
+
+Under DeepSpeed's `zero.Init` every submodule's parameters are partitioned over the ranks as soon as its
+constructor returns (each rank keeps 1/world of the elements, `p.data` becomes empty), so no rank ever holds
+the whole model. The released init rules (`init_layers`, `MAR.init_weights`, the head's `init_weights`) run
+after the submodules exist; they write through `full_tensors`, which gathers the parameters of ONE module
+(or tensor) at a time, lets the init write the whole tensor, and re-partitions it. Because the init then
+draws from the RNG with the full shapes in the same order as a plain build, the initial weights are
+bit-identical to the whole-model build for every ZeRO stage and world size (tests/test_zero_init.py).
+
+Outside zero.Init (or on a parameter DeepSpeed has not converted yet) it does nothing, and the model library
+does not import DeepSpeed unless it meets a partitioned parameter.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+
+import torch
+
+
+def is_partitioned(p: torch.Tensor) -> bool:
+    """True for a parameter converted by ZeRO-3 (it carries DeepSpeed's `ds_id`)."""
+    return hasattr(p, "ds_id")
+
+
+@contextlib.contextmanager
+def full_tensors(params: Iterable[torch.Tensor]) -> Iterator[None]:
+    """Make `params` whole for the block's writes: a no-op for ordinary tensors; partitioned ones are
+    gathered and, on exit, rank 0's values are re-partitioned to every rank (all ranks run the same seeded
+    init, so rank 0's values are everyone's). Collective when any parameter is partitioned: every rank must
+    enter with the same parameters in the same order, as a constructor run on every rank does."""
+    parts = [p for p in params if is_partitioned(p)]
+    if not parts:
+        yield
+        return
+    import deepspeed
+    with deepspeed.zero.GatheredParameters(parts, modifier_rank=0):
+        yield
+
+
+def shape_of(p: torch.Tensor) -> torch.Size:
+    """The full shape of a parameter, partitioned (ZeRO-3 keeps it as `ds_shape`) or not."""
+    return torch.Size(getattr(p, "ds_shape", p.shape))
+
+
+__all__ = ["is_partitioned", "full_tensors", "shape_of"]

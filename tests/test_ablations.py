@@ -79,3 +79,14 @@ def test_one_seed_claims_no_spread():
     rows = [{"row": "x", "name": "default", "seeds": [0], "class_consistency": [0.6], "digit_fid": [100.0]},
             {"row": "(b)", "name": "parallel head", "seeds": [0], "class_consistency": [0.4], "digit_fid": [150.0]}]
     assert "spread was not measured" in ab.verdicts([], rows)[0]
+
+
+def test_select_variants_keeps_the_default_arm_and_the_named_rows():
+    variants = ab.generative_variants([2, 3, 0, 1])
+    names = [v.run_name for v in ab.select_variants(variants, ["b", "c"])]
+    assert names == ["default", "parallel", "frequency"]
+    assert [v.run_name for v in ab.select_variants(variants, ["e"])] == ["default", "default"]  # (e) resamples
+    assert len(ab.select_variants(variants, list("abcde"))) == len(variants)
+    assert [v.run_name for v in ab.select_variants(variants, ["a"])] == ["default"]  # (a) has no generative arm
+    with pytest.raises(ValueError, match=r"unknown ablation rows \['f'\]"):
+        ab.select_variants(variants, ["b", "f"])

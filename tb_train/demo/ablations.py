@@ -149,6 +149,15 @@ def generative_variants(frequency_order: Sequence[int]) -> list[Variant]:
     ]
 
 
+def select_variants(variants: Sequence[Variant], rows: Sequence[str]) -> list[Variant]:
+    """The arms that rows (letters "a".."e") need: the default arm (every row's reference) and each arm
+    whose row tag names a selected row. Raises ValueError on an unknown row letter."""
+    unknown = sorted(set(rows) - set("abcde"))
+    if unknown:
+        raise ValueError(f"unknown ablation rows {unknown}; rows are a, b, c, d, e")
+    return [v for i, v in enumerate(variants) if i == 0 or any(f"({r})" in v.row for r in rows)]
+
+
 def summarize(values: Sequence[float]) -> str:
     """'mean ± spread' where spread is half the max-min range over seeds (one seed: the value alone)."""
     if len(values) == 1:
@@ -159,13 +168,14 @@ def summarize(values: Sequence[float]) -> str:
 def generative_rows(variants: Sequence[Variant], seeds: Sequence[int],
                     train_and_score: Callable[[Variant, int], dict]) -> list[dict]:
     """Run every (variant, seed); `train_and_score` trains (or reuses) the run and returns the scores dict
-    of `tb_train.demo.digits.score_images`. -> one dict per variant with per-seed lists."""
+    of `tb_train.demo.digits.score_images` (plus the arm's run folder under "run", if it has one).
+    -> one dict per variant with per-seed lists."""
     out = []
     for v in variants:
         scores = [train_and_score(v, seed) for seed in seeds]
         out.append({"row": v.row, "name": v.name, "seeds": list(seeds),
                     "class_consistency": [s["class_consistency"] for s in scores],
-                    "digit_fid": [s["digit_fid"] for s in scores]})
+                    "digit_fid": [s["digit_fid"] for s in scores], "runs": [s.get("run") for s in scores]})
     return out
 
 
@@ -257,4 +267,4 @@ def verdicts(recon: Sequence[ReconRow], gen: Sequence[dict]) -> list[str]:
 
 __all__ = ["LEVELS", "RANGES", "SCHEMES", "ReconRow", "Variant", "decode_uint8", "encode_means",
            "generative_rows", "generative_table", "generative_variants", "nchw_uint8", "psnr",
-           "recon_table", "reconstruction_rows", "roundtrip", "summarize", "to_unit", "verdicts"]
+           "recon_table", "reconstruction_rows", "roundtrip", "select_variants", "summarize", "to_unit", "verdicts"]

@@ -17,7 +17,11 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
+
+from tb_model.vae import sample_latents
+from tb_train.data.shards import LatentShards
 
 DEMO_SIZE = 32
 DEMO_VAE = Path(__file__).resolve().parent / "assets" / "demo_vae"  # diffusers folder, tools/train_demo_vae.py
@@ -38,6 +42,12 @@ def demo_digits(size: int = DEMO_SIZE) -> tuple[np.ndarray, np.ndarray]:
         big = np.asarray(Image.fromarray(img, mode="L").resize((size, size), Image.BICUBIC))
         out[i] = big[..., None]
     return out, digits.target.astype(np.int64)
+
+
+def demo_vae_path(latent_channels: int = 4) -> Path:
+    """The shipped demo VAE folder for a latent channel count: `demo_vae` for 4 (the default demo, named
+    before a second one existed), `demo_vae16` for 16 (the 16-channel miniature of KL-16)."""
+    return DEMO_VAE if latent_channels == 4 else DEMO_VAE.with_name(f"demo_vae{latent_channels}")
 
 
 def demo_splits(labels: np.ndarray | None = None) -> dict[str, np.ndarray]:
@@ -113,3 +123,15 @@ def ensure_demo_images(folder: str | os.PathLike, split: str = "all") -> Path:
 
 __all__ = ["DEMO_VAE", "DEMO_SIZE", "DEMO_CLASSES", "SPLITS", "demo_digits", "demo_split", "demo_splits",
            "ensure_demo_images"]
+
+
+def shard_latents(latents_dir: str | os.PathLike, seed: int = 0) -> torch.Tensor:
+    """A precomputed folder's training latents read back: one posterior sample × scale of each image's
+    image view (the demo trains without flips) -> float32 [N, C, h, w], the same for the same seed."""
+    shards = LatentShards(latents_dir, verify=False)
+    try:
+        moments = torch.stack([torch.from_numpy(shards.read(i)[0][0].astype("float32")) for i in range(len(shards))])
+        scale = float(shards.manifest["vae"]["scale"])
+    finally:
+        shards.close()
+    return sample_latents(moments, scale, generator=torch.Generator().manual_seed(seed))

@@ -1,6 +1,7 @@
 """`tb-demo`: the whole pipeline on the embedded digits, on CPU, measured and written up as a report.
 
-    tb-demo [--out runs/demo] [--smoke] [--ranks N] [--ablations] [train.overrides ...]
+    tb-demo [--out runs/demo] [--smoke] [--ranks N] [--latent-channels 4|16] [--ablations
+            [--ablation-rows a b c d e] [--ablation-seeds 0 1 ...]] [train.overrides ...]
 
 It runs the real jobs one after the other — exactly what a user would type — so the demo exercises the
 same code as a cluster run: `tb-precompute` (the digits' train split → demo VAE moments, 4×8×8),
@@ -13,7 +14,10 @@ metrics, the time of every stage and the machine. Every step is resumable: rerun
 skips finished shards, resumes training from `latest`, re-exports and re-measures.
 
 `--smoke` is the same pipeline on a tiny budget (tests); `--ablations` adds the paper's ablation
-tables in miniature (tb_train/demo/ablations.py) to the report.
+tables in miniature (tb_train/demo/ablations.py) to the report. `--latent-channels 16` runs the same chain
+on the 16-channel demo VAE (`demo_vae16`, the miniature of KL-16's 16 channels) with the recipe
+`configs/jobs/demo16.yaml`; the report then also measures how dependent the channels are
+(tb_train/demo/dependency.py).
 """
 from __future__ import annotations
 
@@ -38,27 +42,50 @@ from tb_core.fileio import atomic_write_json
 from tb_core.launcher import child_env
 from tb_core.runlock import RunLock
 from tb_core.measure import machine_info, markdown_table
+from tb_model.quantizer import QuantizerConfig
 from tb_model.registry import ModelConfig, create
 from tb_model.tokenbridge import TokenBridge
-from tb_model.vae import LatentVAE, VAEConfig, load_vae, sample_latents
+from tb_model.vae import LatentVAE, VAEConfig, load_vae
 from tb_train.demo import ablations as ab
 from tb_train.data import precompute
 from tb_train.demo import report
+from tb_train.demo import dependency as dep
 from tb_train.engine import export
 from tb_train.cli import run_main
-from tb_train.demo.data import DEMO_VAE, ensure_demo_images
+from tb_train.demo.data import demo_vae_path, ensure_demo_images, shard_latents
 from tb_train.demo.digits import (DigitExtractor, digit_fid, digit_stats, load_digit_extractor, real_images,
                              score_images, split_accuracy)
 from tb_train.recipes import config_path
 from tb_train.engine.rng import init_seed
 from tb_train.sample.job import Sampler, SamplingConfig, load_model
-from tb_train.data.shards import LatentShards
 from tb_train.train.job import TrainJobConfig
 
 SMOKE_OVERRIDES = ["run.max_steps=12", "checkpoint.every_steps=6", "metrics.log_every=2", "metrics.image_every=6",
                    "samples.num_images=10", "eval.every_steps=3", "eval.num_samples=20"]
-ABLATION_EPOCHS = 20                # per arm and seed (380 steps, ~2.5 min): 5 arms x 2 seeds + the demo fit 45 minutes
 EVAL_SPLITS = ("test", "heldout")   # the report's split first; heldout is the one recipes are tuned on
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What a latent channel count changes in the chain: the shipped VAE, the precompute and training
+    configs (packaged names), and the ablation arms' budget (epochs per arm and seed)."""
+
+    channels: int
+    precompute: str
+    job: str
+    ablation_epochs: int
+
+    @property
+    def vae(self) -> Path:
+        return demo_vae_path(self.channels)
+
+
+# 4 channels: 380 steps per arm (~2.5 min): 5 arms x 2 seeds + the demo fit 45 minutes (docs/demo.md).
+# 16 channels: a step costs ~2.7x (0.66 s vs 0.25 s: the AR head runs 16 steps per token), so 10 epochs (190 steps,
+# ~2.5 min) per arm: rows (b)+(c) x 3 seeds (9 runs) + the 16-channel demo fit 40 minutes on the shared 2-core machine.
+RECIPES = {4: Recipe(4, "precompute_demo", "demo", 20), 16: Recipe(16, "precompute_demo16", "demo16", 10)}
+DEFAULT_RECIPE = RECIPES[4]
+ABLATION_ROWS = ("a", "b", "c", "d", "e")
 
 
 @dataclass
@@ -99,25 +126,26 @@ class StageFailed(TBError):
         self.exit_code = status
 
 
-def run_precompute(out: Path) -> Path:
+def run_precompute(out: Path, recipe: Recipe = DEFAULT_RECIPE) -> Path:
     """The train split as an ImageFolder tree, then tb-precompute -> <out>/latents."""
     images = ensure_demo_images(out / "images_train", split="train")
-    _check("tb-precompute", precompute.main(["--config", str(config_path("precompute_demo", "jobs")),
+    _check("tb-precompute", precompute.main(["--config", str(config_path(recipe.precompute, "jobs")),
                                              f"input={images}", f"output={out / 'latents'}",
-                                             f"vae.path={DEMO_VAE}"]))
+                                             f"vae.path={recipe.vae}"]))
     return out / "latents"
 
 
-def train_args(out: Path, overrides: list[str], run_dir: Path | None = None, periodic_eval: bool = True) -> list[str]:
+def train_args(out: Path, overrides: list[str], run_dir: Path | None = None, periodic_eval: bool = True,
+               recipe: Recipe = DEFAULT_RECIPE) -> list[str]:
     """tb-train's command line for the demo; evaluation during training (when the job has an `eval`
     section) measures against the real held-out digits, written as an image folder once."""
-    paths = [f"data.path={out / 'latents'}", f"run.dir={run_dir or out / 'run'}", f"samples.vae.path={DEMO_VAE}"]
+    paths = [f"data.path={out / 'latents'}", f"run.dir={run_dir or out / 'run'}", f"samples.vae.path={recipe.vae}"]
     if "eval" in {f.name for f in dataclasses.fields(TrainJobConfig)}:
         if periodic_eval:
             paths.append(f"eval.reference={ensure_demo_images(out / 'images_heldout', split='heldout')}")
         else:
             paths.append("eval.every_steps=0")
-    return ["--config", str(config_path("demo", "jobs")), *paths, *overrides]
+    return ["--config", str(config_path(recipe.job, "jobs")), *paths, *overrides]
 
 
 def train_subprocess(args: list[str], ranks: int = 1) -> None:
@@ -131,17 +159,17 @@ def train_subprocess(args: list[str], ranks: int = 1) -> None:
     _check(name, subprocess.run([sys.executable, *launcher, "-m", "tb_train.train", *args], env=env).returncode)
 
 
-def run_train(out: Path, overrides: list[str], ranks: int) -> None:
+def run_train(out: Path, overrides: list[str], ranks: int, recipe: Recipe = DEFAULT_RECIPE) -> None:
     """tb-train as one child process, or `ranks` of them with the same global batch (ZeRO-2 shards it)."""
     if ranks == 1:
-        train_subprocess(train_args(out, overrides))
+        train_subprocess(train_args(out, overrides, recipe=recipe))
         return
-    cfg = load_config(TrainJobConfig, config_path("demo", "jobs"), overrides)
+    cfg = load_config(TrainJobConfig, config_path(recipe.job, "jobs"), overrides)
     global_batch = cfg.engine.global_batch or cfg.data.micro_batch * cfg.engine.grad_accum
     if global_batch % ranks:
         raise ConfigError(f"--ranks {ranks} does not divide the global batch {global_batch}")
     extra = [f"engine.global_batch={global_batch}", f"data.micro_batch={global_batch // ranks}", "engine.grad_accum=1"]
-    train_subprocess(train_args(out, [*overrides, *extra]), ranks)
+    train_subprocess(train_args(out, [*overrides, *extra], recipe=recipe), ranks)
 
 
 def run_config(run_dir: Path) -> dict:
@@ -209,16 +237,47 @@ def quant_figure(out: Path) -> dict:
     """Figure 3 of the paper for the demo latents: scaled posterior samples of the train split."""
     cfg = run_config(out / "run")
     qcfg = from_dict(ModelConfig, cfg["model"], source="run config.yaml", prefix="model").quantizer
-    shards = LatentShards(out / "latents", verify=False)
-    try:
-        moments = torch.stack([torch.from_numpy(shards.read(i)[0][0].astype("float32")) for i in range(len(shards))])
-        scale = float(shards.manifest["vae"]["scale"])
-    finally:
-        shards.close()
-    latents = sample_latents(moments, scale, generator=torch.Generator().manual_seed(0))
+    latents = shard_latents(out / "latents")
     if qcfg.scheme == "empirical":
         qcfg = type(qcfg)(levels=qcfg.levels, qmin=qcfg.qmin, qmax=qcfg.qmax, scheme="gaussian")
     return report.quantization_png(latents, qcfg, out / "quantization.png")
+
+
+def dependency_section(out: Path, gen: list[dict]) -> tuple[dict, str]:
+    """How dependent this run's channels are (tb_train/demo/dependency.py) -> (figures for metrics.json,
+    the report's markdown): mutual information between the quantized channels of the precomputed train
+    tokens (identity and frequency order), and — when the ablations trained the default (AR) and the
+    parallel-head arm — the per-channel CE gain of the AR head over the parallel head, seed by seed."""
+    cfg = run_config(out / "run")
+    q = from_dict(ModelConfig, cfg["model"], source="run config.yaml", prefix="model").quantizer
+    q = QuantizerConfig(levels=q.levels, qmin=q.qmin, qmax=q.qmax)  # the gaussian table: no calibration needed
+    order = json.loads((out / "latents" / "stats.json").read_text())["channel_order"]
+    tokens = dep.latent_tokens(shard_latents(out / "latents"), q)
+    summaries = [("identity order", dep.channel_dependency(tokens, q.levels)),
+                 (f"frequency order {order}", dep.channel_dependency(tokens, q.levels, order))]
+    figures: dict = {"tokens": {label: dataclasses.asdict(d) | {"explained_share": d.explained_share}
+                                for label, d in summaries}}
+    text = (f"Tokens of the precomputed train split (one posterior sample per image, every position), quantized "
+            f"by the model's gaussian table (B={q.levels}, ±{q.qmax:g}). MI in bits per token; the last two "
+            f"columns are a lower bound on what earlier channels tell about later ones in that generation "
+            f"order, without the MAR context.\n\n" + markdown_table(*dep.dependency_table(summaries)))
+    arms = {name: next((r for r in gen if name in r["name"]), None) for name in ("default", "parallel")}
+    if all(arms.values()) and all(arms["default"]["runs"] + arms["parallel"]["runs"]):
+        ar, par = ([dep.final_ce(report.read_scalars(Path(r) / "tensorboard")) for r in arms[n]["runs"]]
+                   for n in ("default", "parallel"))
+        gain = dep.ce_gain(ar, par)
+        figures["ce_gain"] = gain | {"ar": ar, "parallel": par, "seeds": arms["default"]["seeds"]}
+        rows = [[f"{k}", f"{sum(a[k] for a in ar) / len(ar):.4f}", f"{sum(p[k] for p in par) / len(par):.4f}",
+                 f"{g:+.4f}"] for k, g in enumerate(gain["per_channel"])]
+        text += (f"\n\nPer-channel cross-entropy at the end of training (nats; mean of the last "
+                 f"{100 * dep.CE_TAIL:.0f}% of the logged steps, mean over seeds {arms['default']['seeds']}) of the "
+                 f"AR head (default arm) and the parallel head (row (b)); gain = parallel − AR, what conditioning "
+                 f"on the earlier channels bought given the same context:\n\n"
+                 + markdown_table(["channel (generation order)", "AR head CE", "parallel head CE", "gain"], rows)
+                 + f"\n\nTotal gain {gain['total']:+.4f} nats per token "
+                 f"({100 * gain['relative']:+.2f}% of the parallel head's {sum(map(sum, par)) / len(par):.3f}); "
+                 f"per seed: {', '.join(f'{g:+.4f}' for g in gain['per_seed_total'])}.")
+    return figures, text
 
 
 def _fmt(x: float) -> str:
@@ -270,15 +329,24 @@ def demo_report(out: Path, m: dict, timer: Timer, quant: dict, curves: list[str]
 
 
 def run_ablations(out: Path, extractor: DigitExtractor, vae: LatentVAE, timer: Timer, smoke: bool,
-                  seeds: tuple[int, ...]) -> list[tuple[str, str]]:
-    """Rows (a)–(e) of tb_train/demo/ablations.py; -> report sections."""
-    with timer.stage("ablation (a)+(d) reconstruction"):
-        test_images, _ = real_images("test")
-        calibration = ab.encode_means(vae, real_images("train")[0])
-        recon = ab.reconstruction_rows(vae, extractor, test_images, calibration)
+                  seeds: tuple[int, ...], rows: tuple[str, ...] = ABLATION_ROWS,
+                  recipe: Recipe = DEFAULT_RECIPE) -> tuple[list[tuple[str, str]], list[dict]]:
+    """The selected rows of (a)–(e) (tb_train/demo/ablations.py) -> (report sections, the generative rows
+    with each arm's run folders, which the channel-dependency section reads)."""
+    sections: list[tuple[str, str]] = []
+    recon: list[ab.ReconRow] = []
+    if {"a", "d"} & set(rows):
+        with timer.stage("ablation (a)+(d) reconstruction"):
+            test_images, _ = real_images("test")
+            calibration = ab.encode_means(vae, real_images("train")[0])
+            recon = ab.reconstruction_rows(vae, extractor, test_images, calibration)
+        rh, rb = ab.recon_table(recon)
+        sections.append(("Ablation (a)/(d): reconstruction through the quantizer",
+                         f"{len(test_images)} real test digits through the demo VAE (posterior mean), quantized "
+                         f"and decoded.\n\n" + markdown_table(rh, rb)))
     stats = json.loads((out / "latents" / "stats.json").read_text())
-    variants = ab.generative_variants(stats["channel_order"])
-    budget = ["run.max_steps=6", "checkpoint.every_steps=6"] if smoke else [f"optim.epochs={ABLATION_EPOCHS}"]
+    variants = ab.select_variants(ab.generative_variants(stats["channel_order"]), rows)
+    budget = ["run.max_steps=6", "checkpoint.every_steps=6"] if smoke else [f"optim.epochs={recipe.ablation_epochs}"]
     ev = DemoEval(per_class=5 if smoke else 20, seed=2000)
     test_stats = digit_stats(extractor(real_images("test")[0])["pool"])
 
@@ -288,29 +356,28 @@ def run_ablations(out: Path, extractor: DigitExtractor, vae: LatentVAE, timer: T
         with timer.stage("ablation (b)-(e) training"):
             if not model_file.is_file():
                 run_out.mkdir(parents=True, exist_ok=True)
+                print(f"tb-demo ablation arm {v.run_name!r} seed {seed}", flush=True)
                 train_subprocess(train_args(
                     out, [f"run.seed={seed}", f"data.seed={seed}", "metrics.image_every=0", *budget,
-                          *v.train_overrides], run_dir=run_out / "run", periodic_eval=False))
+                          *v.train_overrides], run_dir=run_out / "run", periodic_eval=False, recipe=recipe))
                 _check("tb-export", export.main([str(run_out / "run"), "--out", str(model_file)]))
         with timer.stage("ablation (b)-(e) sampling"):
             settings = sampling_settings(run_config(run_out / "run"), str(run_out / "run" / "config.yaml"))
             settings = dataclasses.replace(settings, **v.sample_options)
             model, _ = load_model(model_file)
             images, labels = sample_classes(model, vae, ev.per_class, settings, ev.seed + seed)
-            return score_images(extractor, images, labels, test_stats)
+            return {**score_images(extractor, images, labels, test_stats), "run": str(run_out / "run")}
 
     gen = ab.generative_rows(variants, seeds, train_and_score)
     atomic_write_json(out / "ablations.json", {"reconstruction": [r.__dict__ for r in recon], "generative": gen})
-    rh, rb = ab.recon_table(recon)
     gh, gb = ab.generative_table(gen)
-    scale = "6 steps" if smoke else f"{ABLATION_EPOCHS} epochs"
-    return [("Ablation (a)/(d): reconstruction through the quantizer",
-             f"{len(test_images)} real test digits through the demo VAE (posterior mean), quantized and decoded.\n\n"
-             + markdown_table(rh, rb)),
-            ("Ablations (b)–(e): generation",
-             f"Each arm trained for {scale} per seed on the train split, {10 * ev.per_class} samples scored "
-             f"against the test split; mean ± half the seed range.\n\n" + markdown_table(gh, gb)),
-            ("Ablations: what reproduces", "\n".join(f"- {line}" for line in ab.verdicts(recon, gen)))]
+    scale = "6 steps" if smoke else f"{recipe.ablation_epochs} epochs"
+    sections += [("Ablations (b)–(e): generation",
+                  f"Each arm trained for {scale} per seed on the train split ({recipe.channels} latent channels), "
+                  f"{10 * ev.per_class} samples scored against the test split; mean ± half the seed range.\n\n"
+                  + markdown_table(gh, gb)),
+                 ("Ablations: what reproduces", "\n".join(f"- {line}" for line in ab.verdicts(recon, gen)))]
+    return sections, gen
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -320,6 +387,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ranks", type=int, default=1, help="training processes (DeepSpeed ZeRO-2, same global batch)")
     p.add_argument("--ablations", action="store_true", help="also run the ablation rows (a)-(e) into the report")
     p.add_argument("--ablation-seeds", type=int, nargs="+", default=[0, 1], help="seeds of the generative rows")
+    p.add_argument("--ablation-rows", nargs="+", choices=ABLATION_ROWS, default=list(ABLATION_ROWS),
+                   help="which rows of (a)-(e) to run (the default arm is always trained)")
+    p.add_argument("--latent-channels", type=int, choices=sorted(RECIPES), default=DEFAULT_RECIPE.channels,
+                   help="the demo VAE: 4 (demo_vae, configs/jobs/demo.yaml) or 16 (demo_vae16, demo16.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides for the training job, e.g. optim.epochs=40")
     args = p.parse_intermixed_args(sys.argv[1:] if argv is None else argv)  # options after overrides too
 
@@ -335,27 +406,35 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.ranks < 1:
         raise ConfigError(f"--ranks must be >= 1, got {args.ranks}")
     out = Path(args.out)
+    recipe = RECIPES[args.latent_channels]
     overrides = [*SMOKE_OVERRIDES, *args.overrides] if args.smoke else list(args.overrides)
     ev = DemoEval(per_class=10, grid_per_class=8) if args.smoke else DemoEval()
     extractor = load_digit_extractor()
     timer = Timer()
-    print("tb-demo [1/5] precompute the train split of the embedded digits", flush=True)
+    print(f"tb-demo [1/5] precompute the train split of the embedded digits ({recipe.channels} latent channels)",
+          flush=True)
     with timer.stage("precompute"):
-        run_precompute(out)
+        run_precompute(out, recipe)
     print(f"tb-demo [2/5] train the tiny model ({args.ranks} rank{'s' if args.ranks > 1 else ''})", flush=True)
     with timer.stage("train"):
-        run_train(out, overrides, args.ranks)
+        run_train(out, overrides, args.ranks, recipe)
     print("tb-demo [3/5] export the EMA weights", flush=True)
     model_file = out / "model.safetensors"
     with timer.stage("export"):
         _check("tb-export", export.main([str(out / "run"), "--out", str(model_file)]))
     print("tb-demo [4/5] sample every class and measure", flush=True)
-    vae = load_vae(VAEConfig(path=str(DEMO_VAE)))
+    vae = load_vae(VAEConfig(path=str(recipe.vae)))
     m = measure(out, model_file, ev, extractor, vae, timer)
     extra: list[tuple[str, str]] = []
+    gen: list[dict] = []
     if args.ablations:
-        print("tb-demo [4b/5] ablations (a)-(e)", flush=True)
-        extra = run_ablations(out, extractor, vae, timer, args.smoke, tuple(args.ablation_seeds))
+        rows = tuple(sorted(set(args.ablation_rows)))
+        print(f"tb-demo [4b/5] ablations ({', '.join(rows)})", flush=True)
+        extra, gen = run_ablations(out, extractor, vae, timer, args.smoke, tuple(args.ablation_seeds), rows, recipe)
+    if args.ablations or recipe.channels != DEFAULT_RECIPE.channels:
+        with timer.stage("channel dependency"):
+            m["channel_dependency"], text = dependency_section(out, gen)
+        extra.append(("How dependent the channels are", text))
     print("tb-demo [5/5] write the report", flush=True)
     with timer.stage("report"):
         curves = report.curves_png(out / "run" / "tensorboard", out / "curves.png")

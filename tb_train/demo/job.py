@@ -389,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ablation-seeds", type=int, nargs="+", default=[0, 1], help="seeds of the generative rows")
     p.add_argument("--ablation-rows", nargs="+", choices=ABLATION_ROWS, default=list(ABLATION_ROWS),
                    help="which rows of (a)-(e) to run (the default arm is always trained)")
+    p.add_argument("--ablation-epochs", type=int, default=None,
+                   help="epochs per generative arm and seed (default: the recipe's, 20 for 4 channels, 10 for 16)")
     p.add_argument("--latent-channels", type=int, choices=sorted(RECIPES), default=DEFAULT_RECIPE.channels,
                    help="the demo VAE: 4 (demo_vae, configs/jobs/demo.yaml) or 16 (demo_vae16, demo16.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides for the training job, e.g. optim.epochs=40")
@@ -407,6 +409,10 @@ def run_demo(args: argparse.Namespace) -> int:
         raise ConfigError(f"--ranks must be >= 1, got {args.ranks}")
     out = Path(args.out)
     recipe = RECIPES[args.latent_channels]
+    if args.ablation_epochs is not None:
+        if args.ablation_epochs < 1:
+            raise ConfigError(f"--ablation-epochs must be >= 1, got {args.ablation_epochs}")
+        recipe = dataclasses.replace(recipe, ablation_epochs=args.ablation_epochs)
     overrides = [*SMOKE_OVERRIDES, *args.overrides] if args.smoke else list(args.overrides)
     ev = DemoEval(per_class=10, grid_per_class=8) if args.smoke else DemoEval()
     extractor = load_digit_extractor()

@@ -441,6 +441,8 @@ def run_demo(args: argparse.Namespace) -> int:
         with timer.stage("channel dependency"):
             m["channel_dependency"], text = dependency_section(out, gen)
         extra.append(("How dependent the channels are", text))
+    for heading, body in extra:  # the measured tables on stdout too, as the report quotes them
+        print(f"tb-demo: {heading}\n{body}\n", flush=True)
     print("tb-demo [5/5] write the report", flush=True)
     with timer.stage("report"):
         curves = report.curves_png(out / "run" / "tensorboard", out / "curves.png")

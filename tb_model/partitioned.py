@@ -26,17 +26,30 @@ def is_partitioned(p: torch.Tensor) -> bool:
 
 @contextlib.contextmanager
 def full_tensors(params: Iterable[torch.Tensor]) -> Iterator[None]:
-    """Make `params` whole for the block's writes: a no-op for ordinary tensors; partitioned ones are
-    gathered and, on exit, rank 0's values are re-partitioned to every rank (all ranks run the same seeded
-    init, so rank 0's values are everyone's). Collective when any parameter is partitioned: every rank must
-    enter with the same parameters in the same order, as a constructor run on every rank does."""
+    """Make `params` whole fp32 tensors for the block's writes.
+
+    Partitioned parameters are gathered and, on exit, rank 0's values are re-partitioned to every rank (all
+    ranks run the same seeded init, so rank 0's values are everyone's); collective then: every rank must
+    enter with the same parameters in the same order, as a constructor run on every rank does. Parameters
+    held in a 16-bit dtype (zero.Init creates them in the training dtype) are written through an fp32 copy
+    and rounded on exit: the random draws of `nn.init` in bf16 are not the rounded fp32 draws, and a plain
+    build draws in fp32. Ordinary fp32 tensors are written directly."""
+    params = list(params)
     parts = [p for p in params if is_partitioned(p)]
-    if not parts:
-        yield
-        return
-    import deepspeed
-    with deepspeed.zero.GatheredParameters(parts, modifier_rank=0):
-        yield
+    gather = contextlib.nullcontext()
+    if parts:
+        import deepspeed
+        gather = deepspeed.zero.GatheredParameters(parts, modifier_rank=0)
+    with gather:
+        low = [(p, p.data) for p in params if p.dtype in (torch.bfloat16, torch.float16)]
+        for p, data in low:
+            p.data = data.float()
+        try:
+            yield
+        finally:
+            for p, data in low:
+                data.copy_(p.data)
+                p.data = data
 
 
 def shape_of(p: torch.Tensor) -> torch.Size:

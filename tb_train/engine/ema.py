@@ -21,6 +21,7 @@ import torch
 import torch.distributed as tdist
 import torch.nn as nn
 
+from tb_model.partitioned import shape_of
 from tb_train.dist import DistInfo
 from tb_train.engine.activation_ckpt import canonical_name
 
@@ -42,7 +43,7 @@ class _Slot:
 
 
 def _slot_for(name: str, p: nn.Parameter, dist: DistInfo) -> _Slot:
-    shape = tuple(getattr(p, "ds_shape", p.shape))
+    shape = tuple(shape_of(p))
     numel = int(torch.Size(shape).numel())
     if hasattr(p, "ds_id"):
         from deepspeed.utils import safe_get_local_fp32_param

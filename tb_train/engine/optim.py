@@ -12,6 +12,8 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
+from tb_model.partitioned import shape_of
+
 
 @dataclass
 class OptimConfig:
@@ -48,17 +50,13 @@ def lr_at(cfg: OptimConfig, step: int, steps_per_epoch: int) -> float:
     return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _shape(p: nn.Parameter) -> torch.Size:
-    return getattr(p, "ds_shape", p.shape)  # ZeRO-3 parameters are empty shells outside forward
-
-
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     """Two AdamW groups: decayed weights and the exempt ones (biases, 1-D params, embeddings)."""
     exempt_ids: set[int] = set()
     for mod in model.modules():
         for pname, p in mod.named_parameters(recurse=False):
             embedding = isinstance(mod, nn.Embedding) or "embed" in pname
-            if len(_shape(p)) <= 1 or pname == "bias" or (cfg.no_decay_embeddings and embedding):
+            if len(shape_of(p)) <= 1 or pname == "bias" or (cfg.no_decay_embeddings and embedding):
                 exempt_ids.add(id(p))
     decay, no_decay = [], []
     for p in model.parameters():

@@ -28,6 +28,7 @@ import torch.nn as nn
 from tb_core.config import deep_merge
 from tb_core.errors import ConfigError
 from tb_train.engine.activation_ckpt import apply_activation_checkpointing
+from tb_train.engine.compile import CompileConfig, compile_blocks
 from tb_train.dist import DistInfo, mean_over_ranks
 from tb_train.engine.ema import ShardedEMA
 from tb_train.engine.optim import OptimConfig, param_groups
@@ -75,6 +76,7 @@ class EngineConfig:
     checkpoint_k: int = 2                       # every_k: blocks 0, k, 2k, ... of each list
     ema_decay: float = 0.9999
     nonfinite_patience: int = 5                 # stop after more than this many non-finite steps in a row
+    compile: CompileConfig = field(default_factory=CompileConfig)  # torch.compile per block (engine/compile.py)
 
     def __post_init__(self) -> None:
         if self.grad_accum < 1 or self.checkpoint_k < 1:
@@ -301,6 +303,7 @@ def build_engine(model_fn: Callable[[], nn.Module], cfg: EngineConfig, optim: Op
     ds_config = deepspeed_config(cfg, optim, micro_batch, dist.world, load_universal)
     model = model_fn()
     apply_activation_checkpointing(model, cfg.activation_checkpointing, cfg.checkpoint_k)
+    compile_blocks(model, cfg.compile, dist)
     if cfg.precision == "amp_bf16":
         keep_norms_fp32(model)
     groups = param_groups(model, optim)

@@ -12,7 +12,10 @@ drawn per (seed, epoch, sample index), independently of the permutation and of t
 Reading runs in DataLoader workers: a sampler in the training process walks this rank's micro-batches
 from the cursor on, across epoch boundaries, and hands each worker the sample indices and views of a
 micro-batch; the workers read them ahead (in order) while the model computes. The epoch's permutation
-lives only in the sampler, so a worker holds nothing that grows with the number of samples.
+lives only in the sampler, so a worker holds nothing that grows with the number of samples. Workers
+start from a forkserver (`WORKER_START`), not by forking the rank: the iterator is (re)created after the
+model exists (first step, every resume), and a forked worker would carry the whole training process —
+under the L model that is gigabytes per worker the moment copy-on-write pages are touched.
 
 Verification (`data.verify`) is once per run: each rank hashes its share of the shards (rank r: shards
 r, r+W, …) and the job combines the ranks' outcomes (tb-train's `prepare` runs inside `agreed`); rank 0
@@ -22,6 +25,7 @@ run with the same manifest checks only file sizes (every read still checks its m
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
 import sys
 import time
@@ -175,6 +179,17 @@ def _verified_before(marker: Path, shards: LatentShards) -> bool:
             and record.get("num_shards") == len(shards.shards))
 
 
+WORKER_START = "forkserver"  # how reader workers start (module docstring); its server imports only the reader
+
+
+def _worker_context() -> mp.context.BaseContext:
+    """The forkserver context, with this module preloaded in the server (set before the server starts;
+    later calls are no-ops) so that each worker only forks a small process that already imported it."""
+    ctx = mp.get_context(WORKER_START)
+    ctx.set_forkserver_preload([__name__])
+    return ctx
+
+
 class LatentLoader:
     """This rank's view of the global data order; `next_step()` yields its `accum` micro-batches."""
 
@@ -230,7 +245,8 @@ class LatentLoader:
                                  self.global_batch, self.num_samples, cfg.seed, cfg.hflip)
         loader = DataLoader(_MicroBatchReader(self.shards), sampler=schedule,
                             batch_size=None, num_workers=cfg.num_workers, pin_memory=False,
-                            prefetch_factor=2 if cfg.num_workers else None)
+                            prefetch_factor=2 if cfg.num_workers else None,
+                            multiprocessing_context=_worker_context() if cfg.num_workers else None)
         self._iter = iter(loader)
 
     def next_step(self) -> list[MicroBatch]:

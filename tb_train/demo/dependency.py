@@ -111,7 +111,9 @@ def latent_tokens(latents: Tensor, quantizer: QuantizerConfig) -> Tensor:
 
 def final_ce(scalars: dict[str, list[tuple[int, float]]], tail: float = CE_TAIL) -> list[float]:
     """Per-channel CE at the end of a run from its `ce/chNN` series ({tag: [(step, value)]}, as
-    `tb_train.demo.report.read_scalars` returns): the mean over the last `tail` of the logged steps."""
+    `tb_train.demo.report.read_scalars` returns): the mean over the last `tail` of the logged points. Each
+    point is already the mean over its `metrics.log_every` interval, so with 180 steps logged every 20 the
+    last quarter is 3 points = the last 60 steps' batches (one batch alone is noisy: random masks)."""
     tags = sorted(t for t in scalars if t.startswith("ce/ch"))
     if not tags:
         raise ValueError("no ce/chNN scalars: the run logged no per-channel cross-entropy")

@@ -4,7 +4,7 @@
 - the ZeRO stage and its tuning come from a JSON file (`configs/deepspeed/zero{0,1,2,3}.json`); batch,
   precision, clipping and optimizer fields are filled from the job config, so there is one source of truth,
   and the merged dict is validated against DeepSpeed's own config model before anything is written;
-- the model is built whole, then DeepSpeed partitions it (ZeRO-3 included, see `build_engine`);
+- under ZeRO-3 the model is built inside `deepspeed.zero.Init` (no rank holds a whole copy, see `build_engine`);
 - activation checkpointing (`tb_train.engine.activation_ckpt`) wraps blocks from outside the model;
 - `precision` picks one of three schemes (`PRECISION_DTYPES`): fp32; bf16 (DeepSpeed's bf16 optimizer: bf16
   weights and activations, fp32 masters); amp_bf16, the authors' scheme (fp32 weights and optimizer, the
@@ -287,21 +287,39 @@ def keep_norms_fp32(model: nn.Module) -> None:
             m.register_forward_pre_hook(_norm_input_to_fp32)
 
 
+@torch.no_grad()
+def _round_to(model: nn.Module, dtype: torch.dtype) -> None:
+    """Round the fp32 parameters to `dtype` and back (a no-op for fp32): the values a zero.Init build in
+    `dtype` starts from, so every ZeRO stage's fp32 masters start equal."""
+    if dtype != torch.float32:
+        for p in model.parameters():
+            p.copy_(p.to(dtype))
+
+
 def build_engine(model_fn: Callable[[], nn.Module], cfg: EngineConfig, optim: OptimConfig, micro_batch: int,
                  dist: DistInfo, load_universal: bool = False) -> TrainEngine:
     """Build the model, wrap its blocks for activation checkpointing (and its norms for amp_bf16), and
     initialise DeepSpeed.
 
-    The model is built whole on every rank and ZeRO-3 partitions it inside `deepspeed.initialize`
-    (DeepSpeed converts parameters that were not born under `zero.Init`). Building under `zero.Init`
-    would save that transient full copy but runs the model's own weight init on already-partitioned
-    (empty) tensors, which TokenBridge's init (run at the end of its constructors) does not support; the
-    whole-model build also makes the initial weights identical for every ZeRO stage.
+    Under ZeRO-3 the model is built inside `deepspeed.zero.Init`: every submodule is partitioned as soon
+    as it exists, so no rank ever holds more than its 1/world share plus the one module being built or
+    initialised (the init rules write through `tb_model.partitioned.full_tensors`, one module at a time).
+    Stages 0-2 keep whole weights on every rank anyway and build the model plainly. Both ways draw the
+    same random numbers in the same order, so the initial weights are bit-identical for every stage and
+    world size (tests/test_zero_init.py). Under bf16 DeepSpeed makes the fp32 masters from the bf16
+    weights at ZeRO-3 (zero.Init creates bf16 parameters); the other stages get the same rounding here
+    (`_round_to`), so the masters too start identical everywhere.
     """
     import deepspeed
 
     ds_config = deepspeed_config(cfg, optim, micro_batch, dist.world, load_universal)
-    model = model_fn()
+    if int(ds_config["zero_optimization"]["stage"]) == 3:
+        # dtype from the config (bf16 or fp32); zero.Init's own dtype argument is ignored on CPU accelerators
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+            model = model_fn()
+    else:
+        model = model_fn()
+        _round_to(model, weight_dtype(cfg.precision))
     apply_activation_checkpointing(model, cfg.activation_checkpointing, cfg.checkpoint_k)
     compile_blocks(model, cfg.compile, dist)
     if cfg.precision == "amp_bf16":

@@ -2,12 +2,15 @@
 
 Benchmarks (tools/) and the demo report quote the same facts about the machine, so they are read in one
 place: the CPU model from /proc/cpuinfo, the cores this process may use, torch's thread count and
-version, the GPU, and the load average (a loaded machine makes every time longer).
+version, the GPU, and the load average (a loaded machine makes every time longer). `RankPeakMemory` watches
+the peak resident memory of every rank of a job from outside (tools/bench_memory.py, tools/rehearse_L.py).
 """
 from __future__ import annotations
 
 import os
 import platform
+import threading
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -45,4 +48,89 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
     return "\n".join(lines)
 
 
-__all__ = ["cpu_model", "machine_info", "markdown_table"]
+def _proc_status_bytes(pid: int, field: str) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _proc_rank(pid: int) -> int | None:
+    """The RANK variable a launcher gave process `pid` (None if it has none or is not readable)."""
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for item in env:
+        if item.startswith(b"RANK="):
+            return int(item[5:])
+    return None
+
+
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            kids = [int(k) for t in Path(f"/proc/{p}/task").iterdir()
+                    for k in (t / "children").read_text().split()]
+        except OSError:
+            kids = []
+        out += kids
+        todo += kids
+    return out
+
+
+class RankPeakMemory:
+    """Peak resident memory (VmHWM) per rank of a job started as process `root` (itself a rank, or e.g.
+    torchrun and its children), polled from /proc every `interval` seconds in a thread. A rank is a descendant process
+    whose environment has RANK and that is not a child of another rank (DataLoader workers are reported
+    apart, summed per rank, as `workers`). VmHWM is kept by the kernel, so the peak between two polls is
+    not lost; only what a process does after the last poll before it exits is."""
+
+    def __init__(self, root: int, interval: float = 0.5) -> None:
+        self.root, self.interval = root, interval
+        self.ranks: dict[int, int] = {}      # rank -> peak bytes of the rank process
+        self.workers: dict[int, int] = {}    # rank -> summed peak bytes of its child processes
+        self._worker_peaks: dict[int, tuple[int, int]] = {}  # pid -> (rank, peak)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "RankPeakMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def poll(self) -> None:
+        for pid in [self.root, *_descendants(self.root)]:
+            rank = _proc_rank(pid)
+            peak = _proc_status_bytes(pid, "VmHWM")
+            if rank is None or peak is None:
+                continue
+            parent_rank = None
+            try:
+                ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                parent_rank = _proc_rank(ppid)
+            except (OSError, ValueError, IndexError):
+                pass
+            if parent_rank is None:
+                self.ranks[rank] = max(self.ranks.get(rank, 0), peak)
+            else:
+                self._worker_peaks[pid] = (rank, max(peak, self._worker_peaks.get(pid, (rank, 0))[1]))
+        self.workers = {}
+        for rank, peak in self._worker_peaks.values():
+            self.workers[rank] = self.workers.get(rank, 0) + peak
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.poll()
+            time.sleep(self.interval)
+
+
+__all__ = ["RankPeakMemory", "cpu_model", "machine_info", "markdown_table"]

@@ -1,0 +1,58 @@
+"""Per-rank memory: the analytic model's formulas (tb_train.engine.memory) on hand-computed cases, and the
+/proc watcher (tb_core.measure.RankPeakMemory) on processes of known size."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tb_core.measure import RankPeakMemory
+from tb_model.config import ModelConfig
+from tb_model.registry import count_params
+from tb_train.engine.memory import activation_bytes, estimate
+
+CFG = ModelConfig(size="tiny", latent_size=8, latent_channels=4, num_classes=10)
+N = count_params(CFG)["total"]
+
+
+@pytest.mark.parametrize("precision, stage, world, bytes_per_param", [
+    ("fp32", 0, 4, 4 + 4 + 8 + 4),            # whole weights, grads, Adam m+v, EMA on rank 0
+    ("fp32", 1, 4, 4 + 4 + (4 + 8 + 4) / 4),  # + the ZeRO optimizer's fp32 copy; Adam, EMA sharded
+    ("fp32", 2, 4, 4 + (4 + 4 + 8 + 4) / 4),  # grads sharded too
+    ("fp32", 3, 4, (4 + 4 + 4 + 8 + 4) / 4),  # everything sharded
+    ("bf16", 0, 4, 2 + 2 + 4 + (4 + 8 + 4) / 4),  # BF16_Optimizer: full bf16 grads + fp32 accumulation
+    ("bf16", 3, 4, (2 + 4 + 2 + 4 + 8 + 4) / 4),  # + the fp32 copy of the gradient partition
+    ("amp_bf16", 3, 2, (4 + 4 + 4 + 8 + 4) / 2),  # fp32 weights: the fp32 layout
+])
+def test_state_bytes_per_parameter(precision, stage, world, bytes_per_param):
+    e = estimate(CFG, stage, world, precision, micro_batch=1)
+    assert e.state == pytest.approx(bytes_per_param * N, rel=1e-12)
+
+
+def test_buffers_and_activations():
+    zero = {"reduce_bucket_size": 1000, "stage3_prefetch_bucket_size": 500}
+    s2, s3 = (estimate(CFG, s, 2, "fp32", 1, zero=zero) for s in (2, 3))
+    assert s2.zero_buffers == 4 * 1000
+    block = 18 * 64 ** 2 + 19 * 64   # tiny: the head's block (adaLN) is the largest
+    assert s3.zero_buffers == 4 * 1000 + 4 * 500 + 2 * 4 * block
+    none, full = (activation_bytes(CFG, 2, 4, c) for c in ("none", "full"))
+    assert full < none
+    # the stored part is linear in the micro-batch; the recomputed block too
+    assert activation_bytes(CFG, 4, 4, "none") == pytest.approx(2 * none)
+    assert activation_bytes(CFG, 2, 2, "none") < none
+
+
+def test_rank_peak_memory_sees_each_rank_and_its_workers():
+    """A rank (RANK in its environment) that touches 200 MiB and starts a child touching 100 MiB."""
+    child = "b = bytearray(100 * 2**20); import time; time.sleep(1.0)"
+    code = (f"import subprocess, sys, time; b = bytearray(200 * 2**20); "
+            f"subprocess.run([sys.executable, '-c', {child!r}]); time.sleep(0.5)")
+    env = dict(os.environ, RANK="1")
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env)
+    with RankPeakMemory(proc.pid, interval=0.1) as mem:
+        proc.wait()
+    assert set(mem.ranks) == {1}
+    assert 200 * 2 ** 20 < mem.ranks[1] < 400 * 2 ** 20
+    assert 100 * 2 ** 20 < mem.workers[1] < 300 * 2 ** 20

@@ -32,11 +32,14 @@ def test_state_bytes_per_parameter(precision, stage, world, bytes_per_param):
 
 
 def test_buffers_and_activations():
-    zero = {"reduce_bucket_size": 1000, "stage3_prefetch_bucket_size": 500}
+    zero = {"reduce_bucket_size": 1000, "stage3_prefetch_bucket_size": 500, "stage3_max_live_parameters": 10}
     s2, s3 = (estimate(CFG, s, 2, "fp32", 1, zero=zero) for s in (2, 3))
     assert s2.zero_buffers == 4 * 1000
-    block = 18 * 64 ** 2 + 19 * 64   # tiny: the head's block (adaLN) is the largest
+    block = 18 * 64 ** 2 + 19 * 64   # tiny: the head's block (adaLN) is the largest; at least two stay gathered
     assert s3.zero_buffers == 4 * 1000 + 4 * 500 + 2 * 4 * block
+    # DeepSpeed's default max_live (1e9 elements) lets the whole model stay gathered
+    whole = estimate(CFG, 3, 2, "fp32", 1, zero=dict(zero, stage3_max_live_parameters=1e9))
+    assert whole.zero_buffers == 4 * 1000 + 4 * 500 + 4 * N
     none, full = (activation_bytes(CFG, 2, 4, c) for c in ("none", "full"))
     assert full < none
     # the stored part is linear in the micro-batch; the recomputed block too

@@ -36,6 +36,10 @@ GIB = 2 ** 30
 GPUS = {"80 GB": 80e9, "141 GB": 141e9}
 RECIPE_MICRO_BATCH = {"L": 64, "H": 32}   # tb_train/configs/jobs/imagenet256_{L,H}.yaml data.micro_batch
 DEMO_SHAPE = dict(latent_size=8, latent_channels=4, num_classes=10)
+# ZeRO-3 on a CPU rank: gathered weights bounded to 50M elements (200 MB fp32) instead of DeepSpeed's 1e9,
+# which lets a recomputing backward keep the whole model gathered (+1.8 GiB per rank at L; memory.py)
+LIVE_LIMIT = ["engine.ds_overrides.zero_optimization.stage3_max_live_parameters=50000000",
+              "engine.ds_overrides.zero_optimization.stage3_max_reuse_distance=50000000"]
 STEP_LINE = re.compile(r"^step (\d+) \|.*\| mem ")
 
 
@@ -64,7 +68,7 @@ def train_overrides(size: str, stage: int, world: int, steps: int, ckpt: str, ru
     return [f"data.path={latents}", f"run.dir={run_dir}", "data.micro_batch=1", "data.num_workers=1",
             # the demo job shrinks the head and drops dropout for tiny: the preset's values for real sizes
             f"model.size={size}", "model.head_depth=null", "model.dropout=0.1", "model.attn_dropout=0.1",
-            f"engine.deepspeed=zero{stage}", "engine.precision=fp32",
+            f"engine.deepspeed=zero{stage}", *(LIVE_LIMIT if stage == 3 else []), "engine.precision=fp32",
             f"engine.global_batch={world}", "engine.grad_accum=1", f"engine.activation_checkpointing={ckpt}",
             "eval.every_steps=0", "metrics.log_every=1", "metrics.image_every=0",
             f"checkpoint.every_steps={every}", "checkpoint.keep_last=1", f"run.max_steps={steps}"]
@@ -118,8 +122,20 @@ def analytic_rows() -> list[list[str]]:
     return rows
 
 
+def run_estimate(size: str, world: int, stage: int, ckpt: str):
+    """The analytic figure of a measured run (same model, stage, world, precision and ZeRO limits)."""
+    zero = None
+    if stage == 3:
+        from tb_train.engine.engine import EngineConfig, deepspeed_config
+        from tb_train.engine.optim import OptimConfig
+        zero = deepspeed_config(EngineConfig(deepspeed="zero3", precision="fp32"), OptimConfig(), 1,
+                                world)["zero_optimization"]
+        zero.update({item.split("=")[0].rsplit(".", 1)[1]: float(item.split("=")[1]) for item in LIVE_LIMIT})
+    return estimate(ModelConfig(size=size, **DEMO_SHAPE), stage, world, "fp32", 1, ckpt, zero=zero)
+
+
 def measured_row(size: str, world: int, stage: int, ckpt: str, result: dict, runtime: int) -> list[str]:
-    e = estimate(ModelConfig(size=size, **DEMO_SHAPE), stage, world, "fp32", 1, ckpt)
+    e = run_estimate(size, world, stage, ckpt)
     peak = max(result["peaks"].values())
     added = peak - runtime
     return [size, world, stage, ckpt, f"{e.state / GIB:.2f}", f"{e.total / GIB:.2f}", f"{peak / GIB:.2f}",

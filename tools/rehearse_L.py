@@ -26,10 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_memory import DEMO_SHAPE, GIB, demo_latents, launch_train, runtime_rss, train_overrides  # noqa: E402
+from bench_memory import GIB, demo_latents, launch_train, run_estimate, runtime_rss, train_overrides  # noqa: E402
 from tb_core.measure import machine_info, markdown_table  # noqa: E402
-from tb_model.config import ModelConfig  # noqa: E402
-from tb_train.engine.memory import estimate  # noqa: E402
 
 WORLD, STAGE, CKPT = 2, 3, "full"
 
@@ -81,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n## Per-step loss\n")
     print(markdown_table(["step", "reference", "interrupted + resumed", "equal"], rows))
 
-    est = estimate(ModelConfig(size=args.size, **DEMO_SHAPE), STAGE, WORLD, "fp32", 1, CKPT)
+    est = run_estimate(args.size, WORLD, STAGE, CKPT)
     print(f"\n## Memory per rank (GiB); runtime footprint {runtime / GIB:.2f} GiB, analytic {est.total / GIB:.2f} "
           f"(state {est.state / GIB:.2f}, ZeRO buffers {est.zero_buffers / GIB:.2f}, activations "
           f"{est.activations / GIB:.3f})\n")

@@ -19,8 +19,9 @@ optimizers of stages 1-3 keep an fp32 copy of the rank's partition even when the
 16-bit weights, an fp32 copy of the rank's gradient partition for the step.)
 
 Transients on top: ZeRO's buffers (stage >= 2: the reduce bucket, `reduce_bucket_size` elements; stage 3:
-also the prefetch bucket `stage3_prefetch_bucket_size` and the gathered weights of the largest block,
-twice for the one being prefetched); activations of one micro-batch (Korthikanti et al. 2022, "Reducing
+also the prefetch bucket `stage3_prefetch_bucket_size` and the gathered weights, which DeepSpeed keeps up
+to `stage3_max_live_parameters` elements — at least two blocks, at most the whole model: with DeepSpeed's
+default 1e9 and a reuse distance as large, a recomputing backward can keep all of L gathered); activations of one micro-batch (Korthikanti et al. 2022, "Reducing
 Activation Recomputation in Large Transformer Models": s·b·h·(34 + 5·a·s/h) bytes per layer for 16-bit
 activations; doubled for fp32; with full checkpointing each block keeps only its input, s·b·h·act_bytes,
 plus one block's full set during its recompute); and the head's logits (fp32, kept with their softmax
@@ -129,7 +130,8 @@ def estimate(cfg: ModelConfig, stage: int, world: int, precision: str, micro_bat
     if stage >= 2:
         buffers += w * float(zero.get("reduce_bucket_size", 5e8))
     if stage == 3:
-        buffers += w * float(zero.get("stage3_prefetch_bucket_size", 5e7)) + 2 * w * _block_params(resolve(cfg))
+        live = max(float(zero.get("stage3_max_live_parameters", 1e9)), 2 * _block_params(resolve(cfg)))
+        buffers += w * float(zero.get("stage3_prefetch_bucket_size", 5e7)) + w * min(n, live)
     act_bytes = 4 if precision == "fp32" else 2
     acts = activation_bytes(cfg, micro_batch, act_bytes, checkpointing)
     return MemoryEstimate(params, masters, grads, optimizer, ema, buffers, acts)

@@ -63,12 +63,10 @@ class Mlp(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention via F.scaled_dot_product_attention, optional qk-norm and KV cache.
+    """Multi-head self-attention via F.scaled_dot_product_attention, optional qk-norm.
 
-    The cache is a caller-owned tensor [2, B, heads, S, head_dim] (keys, values); `pos` is the
-    sequence position of the first row of x. With a cache, x holds either the whole prefix from
-    position 0 (prefill, causal) or exactly one new token, which may attend to every cached
-    position up to itself, so no mask is needed.
+    The AR head's cached sampling does not come through here: `ARHead.sample_step` runs the same
+    arithmetic fused, with its own KV cache.
     """
 
     def __init__(self, dim: int, num_heads: int, attn_dropout: float, proj_dropout: float,
@@ -85,18 +83,10 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_dropout)
 
-    def forward(self, x: Tensor, causal: bool = False, cache: Tensor | None = None, pos: int = 0) -> Tensor:
+    def forward(self, x: Tensor, causal: bool = False) -> Tensor:
         """x [B, T, dim] -> [B, T, dim]."""
         q, k, v = rearrange(self.qkv(x), "b t (qkv h d) -> qkv b h t d", qkv=3, h=self.num_heads)
         q, k = self.q_norm(q), self.k_norm(k)
-        if cache is not None:
-            T = x.shape[1]
-            if T > 1 and pos != 0:
-                raise ValueError("a cached attention step takes one token, or the prefix from position 0")
-            cache[0, :, :, pos:pos + T] = k
-            cache[1, :, :, pos:pos + T] = v
-            k, v = cache[0, :, :, :pos + T], cache[1, :, :, :pos + T]
-            causal = causal and T > 1
         drop = self.attn_dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=causal)
         return self.proj_drop(self.proj(rearrange(out, "b h t d -> b t (h d)")))

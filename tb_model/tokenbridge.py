@@ -272,10 +272,11 @@ class TokenBridge(nn.Module):
         Compiled with dynamic=True by default: the encoder's length, the head's row count, the cache
         position and the batch change between steps and batches, and sizes that are symbolic from the
         first trace serve all of them. Special cases still get their own trace, all within the first
-        batch (measured: the MAR pass twice, as its first pass has no known position; the head step three
-        times: position 0 fills the modulation cache, the last position reads the whole KV cache); later
-        batches, also a smaller last one, reuse the graphs. Nothing in either function reads a device
-        value on the host, so neither breaks into pieces.
+        batch (measured: the MAR pass twice, as its first pass has no known position; the head step once:
+        its shapes are the same at every step and the step index only slices); later batches, also a
+        smaller last one, reuse the graphs. The compiled head step runs on the plain weights (it cannot
+        trace oneDNN-packed ones). Nothing in either function reads a device value on the host, so
+        neither breaks into pieces.
         """
         if not compiled:
             return GenerationFns(self.mar, self.head.sample_step)

@@ -7,6 +7,9 @@ import torch
 from tb_model.head import ARHead, ParallelHead, pick_tokens
 
 
+FP32_LOGP = 1e-5  # summed log-prob agreement of two fp32 sampling loops (rounding only)
+
+
 def _head(cls=ARHead, group: int = 1, channels: int = 6, levels: int = 8, dtype=torch.float64) -> torch.nn.Module:
     torch.manual_seed(0)
     head = cls(cond_dim=24, width=32, depth=2, num_heads=4, channels=channels, levels=levels, group=group)
@@ -18,26 +21,96 @@ def _head(cls=ARHead, group: int = 1, channels: int = 6, levels: int = 8, dtype=
 
 @pytest.mark.parametrize("group", [1, 2])
 @pytest.mark.parametrize("temperature", [1.0, 0.6, 0.0])
-def test_kv_cache_equals_prefix_recomputation(group: int, temperature: float) -> None:
+@pytest.mark.parametrize("batch", [1, 200])
+def test_kv_cache_equals_prefix_recomputation(group: int, temperature: float, batch: int) -> None:
     head = _head(group=group)
-    z = torch.randn(200, 24, dtype=torch.float64)
+    z = torch.randn(batch, 24, dtype=torch.float64)
     tok_c, lp_c = head.sample(z, temperature, torch.Generator().manual_seed(3), use_cache=True)
     tok_u, lp_u = head.sample(z, temperature, torch.Generator().manual_seed(3), use_cache=False)
-    assert tok_c.shape == (200, 6) and tok_c.dtype == torch.long
+    assert tok_c.shape == (batch, 6) and tok_c.dtype == torch.long
     assert torch.equal(tok_c, tok_u)
     torch.testing.assert_close(lp_c, lp_u, rtol=0, atol=1e-10)
     # other random numbers -> other tokens (the test can fail if the generator were ignored)
-    if temperature > 0:
+    if temperature > 0 and batch > 1:
         tok_o, _ = head.sample(z, temperature, torch.Generator().manual_seed(4))
         assert not torch.equal(tok_c, tok_o)
 
 
-def test_kv_cache_float32_matches() -> None:
+def _plain_step(head: ARHead):
+    """A step function that is not `head.sample_step` itself: `sample` then gives it the plain (unpacked)
+    weights, as it does a compiled step."""
+    return lambda *args: head.sample_step(*args)
+
+
+@pytest.mark.parametrize("group", [1, 2])
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
+@pytest.mark.parametrize("batch", [1, 256])
+def test_fused_step_float32_equals_prefix_recomputation(group: int, temperature: float, batch: int) -> None:
+    """fp32 (the CPU sampling precision): the fused cached step on oneDNN-packed weights, the same step on
+    plain weights and the released prefix-recompute loop pick the same tokens from the same uniforms.
+    The summed log-probs agree to FP32_LOGP (a few fp32 ulps of logits of magnitude ~10-30, summed
+    over 6 steps); the cached loop before the fusion differed from the prefix loop by up to 5.7e-6 here
+    too, and in float64 both agree to 1e-10 (test above)."""
+    head = _head(group=group, dtype=torch.float32)
+    z = torch.randn(batch, 24, generator=torch.Generator().manual_seed(batch))
+    runs = {name: head.sample(z, temperature, torch.Generator().manual_seed(0), use_cache=cache, step=step)
+            for name, cache, step in (("packed", True, None), ("plain", True, _plain_step(head)),
+                                      ("prefix", False, None))}
+    tok, lp = runs["prefix"]
+    assert tok.shape == (batch, 6)
+    for name in ("packed", "plain"):
+        assert torch.equal(runs[name][0], tok), name
+        torch.testing.assert_close(runs[name][1], lp, rtol=0, atol=FP32_LOGP, msg=name)
+    if batch > 1:
+        assert len(torch.unique(tok, dim=0)) > batch // 2  # varied tokens, so equality says something
+
+
+def test_fused_step_uses_packed_weights_only_on_cpu_float32() -> None:
+    """The default fp32 CPU loop runs on oneDNN-packed weights (the measured speed-up depends on it);
+    float64, or a step that is not `sample_step` (a compiled one), gets the parameters themselves."""
     head = _head(dtype=torch.float32)
-    z = torch.randn(256, 24)
-    a, _ = head.sample(z, 1.0, torch.Generator().manual_seed(0), use_cache=True)
-    b, _ = head.sample(z, 1.0, torch.Generator().manual_seed(0), use_cache=False)
-    assert torch.equal(a, b)
+    z = torch.randn(4, 24)
+    head.sample(z)
+    assert head.sampling_weights(packed=True).packed and head.sampling_weights(True).blocks[0].qkv[0].is_mkldnn
+    plain = head.sampling_weights(packed=False)
+    assert plain.blocks[0].qkv[0] is head.blocks[0].attn.qkv.weight.data or torch.equal(
+        plain.blocks[0].qkv[0], head.blocks[0].attn.qkv.weight)
+    assert not plain.blocks[0].qkv[0].is_mkldnn
+    mod_rows = torch.cat([head.blocks[0].adaLN_modulation[-1].weight, head.blocks[1].adaLN_modulation[-1].weight,
+                          head.final.adaLN_modulation[-1].weight])
+    assert torch.equal(plain.mod[0], mod_rows)  # block 0, block 1, then the final modulation: one GEMM
+
+
+def test_sampling_weights_follow_parameter_changes() -> None:
+    """The fused step's derived weights are rebuilt after an in-place update (an optimizer step, an EMA
+    swap) and after load_state_dict: the cached loop then matches the prefix loop of the NEW weights.
+    Sampling leaves the state dict, deepcopy and parameter names untouched."""
+    import copy
+
+    head = _head(dtype=torch.float32)
+    z = torch.randn(64, 24)
+    names = [k for k, _ in head.state_dict().items()]
+    before, _ = head.sample(z, 1.0, torch.Generator().manual_seed(0))
+    other = _head(dtype=torch.float32)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    for change in ("in_place", "load_state_dict"):
+        if change == "in_place":
+            with torch.no_grad():
+                for p, q in zip(head.parameters(), other.parameters()):
+                    p.copy_(q)
+        else:
+            head.load_state_dict(_head(dtype=torch.float32).state_dict())
+        got, lp = head.sample(z, 1.0, torch.Generator().manual_seed(0))
+        ref, ref_lp = head.sample(z, 1.0, torch.Generator().manual_seed(0), use_cache=False)
+        assert torch.equal(got, ref), change
+        torch.testing.assert_close(lp, ref_lp, rtol=0, atol=FP32_LOGP)
+        assert not torch.equal(got, before) or change == "load_state_dict"
+    assert torch.equal(got, before)  # back to the original weights: the original tokens
+    assert list(head.state_dict()) == names
+    clone = copy.deepcopy(head)
+    assert torch.equal(clone.sample(z, 1.0, torch.Generator().manual_seed(0))[0], before)
 
 
 @pytest.mark.parametrize("cls", [ARHead, ParallelHead])

@@ -33,19 +33,28 @@ NUM = r"[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?"
 
 
 def head_rows(out: str) -> list[Row]:
-    """bench_head part 1 (ms per call, ratios measured | FLOP bound) and part 2 (whole-image seconds)."""
+    """bench_head part 1 (ms per call, ratios measured | FLOP bound; '-' where the diffusion head was
+    skipped), part 1b (N=1 step vs weight bytes / bandwidth) and part 2 (whole-image seconds)."""
     rows: list[Row] = []
-    part1 = re.compile(rf"^\s*(\w+)\s+(\d+)\s+({NUM})\s+({NUM})\s+({NUM})\s+({NUM}) \|\s*({NUM})"
-                       rf"\s+({NUM}) \|\s*({NUM})\s*$")
+    part1 = re.compile(rf"^\s*(\w+)\s+(\d+)\s+({NUM})\s+({NUM})\s+({NUM}|-)\s+({NUM}) \|\s*({NUM})"
+                       rf"\s+({NUM}|-) \|\s*({NUM}|-)\s*$")
+    part1b = re.compile(rf"^(\w+) N=1: ({NUM}) ms/step measured, ({NUM}) MB/step weights -> ({NUM}) ms/step at "
+                        rf"({NUM}) GB/s; measured / bound ({NUM})$")
     part2 = re.compile(rf"^\s*(\w+)\s+({NUM})\s+({NUM})%\s+({NUM})\s+({NUM})%\s+({NUM})(.*)$")
     for line in out.splitlines():
         if m := part1.match(line):
             size, n, cache, prefix, diff, pc, fpc, dc, fdc = m.groups()
-            rows += [("head", f"AR head with KV cache, {size}, {n} positions per call", f"{float(cache):.2f} ms", ""),
+            rows += [("head", f"AR head with KV cache (fused step), {size}, {n} positions per call",
+                      f"{float(cache):.2f} ms", ""),
                      ("head", f"prefix recompute / KV cache, {size}, N={n}", f"{float(pc):.2f}×",
-                      f"FLOP ratio {float(fpc):.2f}"),
-                     ("head", f"MAR diffusion head / AR head, {size}, N={n}", f"{float(dc):.2f}×",
-                      f"FLOP ratio {float(fdc):.2f}")]
+                      f"FLOP ratio {float(fpc):.2f}")]
+            if dc != "-":
+                rows.append(("head", f"MAR diffusion head / AR head, {size}, N={n}", f"{float(dc):.2f}×",
+                             f"FLOP ratio {float(fdc):.2f}"))
+        elif m := part1b.match(line):
+            size, step, mb, bound, rate, ratio = m.groups()
+            rows.append(("head", f"cached step at N=1, {size}: measured / weight-bytes bound", f"{float(ratio):.2f}",
+                         f"{float(step):.2f} ms vs {float(bound):.2f} ms ({float(mb):.1f} MB at {float(rate):.1f} GB/s)"))
         elif m := part2.match(line):
             size, fast, share, official, share_o, ratio, note = m.groups()
             rows += [("head", f"whole image, {size}, default loop", f"{float(fast):.2f} s",
@@ -87,18 +96,21 @@ def precompute_rows(out: str) -> list[Row]:
 
 
 def sample_rows(out: str) -> list[Row]:
-    """bench_sample: default vs official generation img/s per size (its markdown rows), Inception img/s."""
+    """bench_sample: default vs official generation per size (its markdown rows: img/s, ratio, the MAR /
+    head split of each path, the head-free bound), Inception img/s."""
     rows: list[Row] = []
     row = re.compile(rf"^\| (\w+) \| (\d+) \| (\d+) \| ({NUM}) \| (\w+) \| ({NUM}) \([^)]*\) \|"
-                     rf"(?: ({NUM}) \([^)]*\) \| ({NUM}) \| ([^|]+) \|)?\s*$")
+                     rf"(?: ({NUM}) \([^)]*\) \| ({NUM}) \| ([^|]+) \| ([^|]+) \| ([^|]+) \| ({NUM}) \|)?\s*$")
     for line in out.splitlines():
         if m := row.match(line):
-            size, batch, num_iter, cfg, prec, fast, official, ratio, same = m.groups()
+            size, batch, num_iter, cfg, prec, fast, official, ratio, same, split, split_o, bound = m.groups()
             what = f"{size}, batch {batch}, {num_iter} steps, cfg {cfg}, {prec}"
-            rows.append(("sample", f"generation img/s (latents), {what}", f"{float(fast):.3f} img/s", ""))
+            rows.append(("sample", f"generation img/s (latents), {what}", f"{float(fast):.3f} img/s",
+                         split.strip() if split else ""))
             if ratio:
                 rows.append(("sample", f"official loop time / default, {what}", f"{float(ratio):.2f}×",
-                             f"same latents: {same.strip()}"))
+                             f"same latents: {same.strip()}; official {split_o.strip()}; bound with a free head "
+                             f"{float(bound):.2f}×"))
     if m := re.search(rf"^(Inception features[^:]*):\s*({NUM}) img/s", out, re.M):
         rows.append(("sample", m.group(1) + " (random weights)", f"{float(m.group(2)):.2f} img/s", ""))
     return rows

@@ -7,12 +7,16 @@ Part 1 (same z, random weights): per call of N positions, time of
 while TokenBridge applies CFG to z and runs its head once on N rows. Ratios are measured in the same
 run and printed next to the FLOP ratio (FLOPs counted by torch.utils.flop_counter on one call) that
 bounds each speed-up.
+Part 1b (rows with N = 1): one cached step against the memory bound. The step reads every trunk weight
+once (a matrix-vector product per Linear), so its floor is (weight bytes the cached loop reads per call
+/ steps) / memory bandwidth, the bandwidth measured in the same run (a 512 MiB copy and a 512 MiB sum,
+the faster of the two, so the bound is the strict one); printed: both times and their ratio.
 Part 2: whole-image generation at num_iter 64 with CFG: the head's share of the total time, and the
 default loop (batched CFG + KV cache) vs the official-style loop (two MAR passes + prefix recompute);
 measured by running `generate` (--whole) or estimated from timed MAR passes and head calls (--estimate).
 
 Usage: python tools/bench_head.py [--sizes tiny,L] [--batch 1,64] [--whole tiny] [--estimate L]
-                                 [--dtype fp32|bf16] [--threads N]
+                                 [--dtype fp32|bf16] [--threads N] [--no-diffusion]
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import time
 from typing import Callable
 
 import torch
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from tb_model.baselines.diffloss import MAR_DIFFUSION_SIZES, DiffusionHead
@@ -56,6 +61,32 @@ def flops(fn: Callable[[], object]) -> float:
     return float(counter.get_total_flops())
 
 
+def memory_bandwidth(nbytes: int = 512 * 2 ** 20, repeats: int = 5) -> dict[str, float]:
+    """Bytes per second of a large copy (read + write counted) and of a large sum (read only), best of
+    `repeats`: the rate a matrix-vector product over weights far larger than the caches can reach."""
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    best = {"copy": 0.0, "read": 0.0}
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best["copy"] = max(best["copy"], 2 * nbytes / (time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        src.sum()
+        best["read"] = max(best["read"], nbytes / (time.perf_counter() - t0))
+    return best
+
+
+def cached_weight_bytes(head: ARHead) -> int:
+    """Weight bytes one cached `sample` call reads: cond_proj and every modulation once, every step the
+    trunk (blocks' Linears and norms, the final norm) and its own classifier."""
+    once = [head.cond_proj, *(blk.adaLN_modulation for blk in head.blocks), head.final.adaLN_modulation,
+            head.classifiers]
+    per_step = [*(nn.ModuleList([blk.norm1, blk.attn, blk.norm2, blk.mlp]) for blk in head.blocks), head.norm]
+    size = lambda mods: sum(p.numel() * p.element_size() for m in mods for p in m.parameters())  # noqa: E731
+    return size(once) + head.steps * size(per_step)
+
+
 def bench_heads(size: str, batch: int, dtype: torch.dtype, cfg_scale: float, args: argparse.Namespace) -> dict:
     cfg = resolve(ModelConfig(size=size))
     torch.manual_seed(0)
@@ -67,17 +98,23 @@ def bench_heads(size: str, batch: int, dtype: torch.dtype, cfg_scale: float, arg
     z2 = torch.randn(2 * batch, cfg.width, dtype=dtype)
     gen = torch.Generator().manual_seed(0)
     def runs(n: int) -> dict[str, Callable[[], object]]:
-        return {
+        fns = {
             "cache": lambda: head.sample(z[:n], 1.0, gen, use_cache=True),
             "prefix": lambda: head.sample(z[:n], 1.0, gen, use_cache=False),
             "diffusion": lambda: diff.sample(z2[:2 * n], 1.0, cfg_scale, steps=100, generator=gen),
         }
+        if not args.diffusion:
+            del fns["diffusion"]
+        return fns
 
-    out = {"size": size, "batch": batch}
+    out = {"size": size, "batch": batch, "steps": head.steps, "weight_bytes": cached_weight_bytes(head)}
     with torch.inference_mode():
         for name, fn in runs(batch).items():
             out[f"t_{name}"] = timed(fn, args.min_time, args.repeats)
-        for name, fn in runs(1).items():  # FLOPs are linear in the number of positions
+        counted = runs(1)  # FLOPs are linear in the number of positions
+        # The same arithmetic on plain weights: the counter does not see oneDNN's packed GEMMs.
+        counted["cache"] = lambda: head.sample(z[:1], 1.0, gen, step=lambda *a: head.sample_step(*a))
+        for name, fn in counted.items():
             out[f"f_{name}"] = flops(fn)
     return out
 
@@ -165,6 +202,8 @@ def main() -> None:
     ap.add_argument("--whole", default="tiny", help="comma list of sizes for whole-image generation; '' = skip")
     ap.add_argument("--estimate", default="", help="comma list of sizes whose whole-image time is estimated "
                     "from component timings (for L/H on a CPU)")
+    ap.add_argument("--no-diffusion", dest="diffusion", action="store_false",
+                    help="skip MAR's diffusion head in part 1 (minutes at L)")
     ap.add_argument("--num-iter", type=int, default=64)
     ap.add_argument("--whole-batch", type=int, default=1, help="images per generate call in part 2")
     ap.add_argument("--cfg", type=float, default=3.0)
@@ -178,17 +217,37 @@ def main() -> None:
     dtype = DTYPES[args.dtype]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, cfg {args.cfg}")
     head_sizes = [s for s in args.sizes.split(",") if s]
+    batches = [int(b) for b in args.batch.split(",") if b]
+    bandwidth = memory_bandwidth() if head_sizes and 1 in batches else None
+    if bandwidth:
+        print(f"memory bandwidth: copy {bandwidth['copy'] / 1e9:.1f} GB/s (read + write), "
+              f"read {bandwidth['read'] / 1e9:.1f} GB/s (sum); 512 MiB, best of 5", flush=True)
     if head_sizes:
         print("Part 1: head sampling per call (ms) and ratios (measured | FLOPs)")
         print(f"{'size':>5} {'N':>4} {'cache':>9} {'prefix':>9} {'diffusion':>10} "
               f"{'prefix/cache':>17} {'diffusion/cache':>18}")
+    bound_lines = []
     for size in head_sizes:
-        for batch in [int(b) for b in args.batch.split(",") if b]:
+        for batch in batches:
             r = bench_heads(size, batch, dtype, args.cfg, args)
-            pc, dc = r["t_prefix"] / r["t_cache"], r["t_diffusion"] / r["t_cache"]
-            fpc, fdc = r["f_prefix"] / r["f_cache"], r["f_diffusion"] / r["f_cache"]
+            pc, fpc = r["t_prefix"] / r["t_cache"], r["f_prefix"] / r["f_cache"]
+            if args.diffusion:
+                diffusion = f"{1e3 * r['t_diffusion']:10.2f}"
+                ratio = f"{r['t_diffusion'] / r['t_cache']:8.2f} | {r['f_diffusion'] / r['f_cache']:6.2f}"
+            else:
+                diffusion, ratio = f"{'-':>10}", f"{'-':>8} | {'-':>6}"
             print(f"{size:>5} {batch:>4} {1e3 * r['t_cache']:9.2f} {1e3 * r['t_prefix']:9.2f} "
-                  f"{1e3 * r['t_diffusion']:10.2f} {pc:7.2f} | {fpc:6.2f}  {dc:8.2f} | {fdc:6.2f}", flush=True)
+                  f"{diffusion} {pc:7.2f} | {fpc:6.2f}  {ratio}", flush=True)
+            if batch == 1 and bandwidth:
+                rate = max(bandwidth.values())
+                step_bytes = r["weight_bytes"] / r["steps"]
+                measured, bound = r["t_cache"] / r["steps"], step_bytes / rate
+                bound_lines.append(f"{size} N=1: {1e3 * measured:.2f} ms/step measured, {step_bytes / 1e6:.1f} MB/step "
+                                   f"weights -> {1e3 * bound:.2f} ms/step at {rate / 1e9:.1f} GB/s; "
+                                   f"measured / bound {measured / bound:.2f}")
+    if bound_lines:
+        print("Part 1b: one cached step at N=1 vs weight bytes / memory bandwidth")
+        print("\n".join(bound_lines), flush=True)
     sizes = [s for s in args.whole.split(",") if s]
     estimated = [s for s in args.estimate.split(",") if s]
     if sizes or estimated:

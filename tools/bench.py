@@ -65,14 +65,23 @@ def head_rows(out: str) -> list[Row]:
 
 
 def train_rows(data: dict) -> list[Row]:
-    """bench_train JSON: step time and MFU per (dtype, checkpointing); ZeRO memory per rank vs stage 0."""
+    """bench_train JSON: step time and MFU per (dtype, checkpointing, compile), the compiled/uncompiled
+    ratio; ZeRO memory per rank vs stage 0."""
+    from bench_train import compile_speedup
+
     rows: list[Row] = []
-    base = {r["dtype"]: r for r in data.get("ckpt", []) if r["policy"] == "none"}
-    for r in data.get("ckpt", []):
-        ref = base.get(r["dtype"])
+    ckpt = data.get("ckpt", [])
+    base = {(r["dtype"], r["compiled"]): r for r in ckpt if r["policy"] == "none"}
+    for r in ckpt:
+        ref = base.get((r["dtype"], r["compiled"]))
         note = f"{r['step_time_s'] / ref['step_time_s']:.2f}× no checkpointing" if ref and ref is not r else ""
-        rows.append(("train", f"step time, {r['dtype']}, checkpointing {r['policy']}", f"{r['step_time_s']:.3f} s",
-                     f"MFU vs GEMM {r['mfu_vs_gemm']:.1%}" + (f"; {note}" if note else "")))
+        speedup = compile_speedup(r, ckpt)
+        if speedup:
+            note += f"{'; ' if note else ''}{speedup:.2f}× faster than uncompiled (compile {r['compile_s']:.0f} s)"
+        what = f"{r['dtype']}, checkpointing {r['policy']}{', engine.compile' if r['compiled'] else ''}"
+        rows.append(("train", f"step time, {what}", f"{r['step_time_s']:.3f} s",
+                     f"MFU vs GEMM {r['mfu_vs_gemm']:.1%}; GEMM share {r['gemm_share']:.0%}"
+                     + (f"; {note}" if note else "")))
     per_stage: dict[int, int] = {}
     for r in data.get("zero", []):
         if r["rank"] == 0:
@@ -145,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                                        "--batch", "1,64", "--whole", "tiny"], head_rows),
             ("train", "bench_train.py", ["--threads", t, "--size", "tiny" if args.quick else "base", "--dtypes", "fp32",
                                          "--policies", "none", "full", "--zero-stages", "0", "2",
+                                         "--compile", "off", *([] if args.quick else ["on"]),
                                          "--zero-dtype", "fp32", "--out", str(train_json)],
              lambda out: train_rows(json.loads(train_json.read_text()))),
             ("precompute", "bench_precompute.py", ["--images", "256" if args.quick else "512", "--workers", "1"],

@@ -3,11 +3,16 @@
 Runs the real training engine (tb_train.engine.engine.build_engine: DeepSpeed, AdamW, EMA) on random latents,
 each configuration in a fresh subprocess so that its memory figures are its own:
 
-1. checkpointing none / full / every_2 × fp32 / bf16, one process, ZeRO stage 0 (`--ckpt-stage`):
+1. checkpointing none / full / every_2 × fp32 / bf16 × `--compile off on` (`engine.compile`, torch.compile
+   per block, backend `--compile-backend`), one process, ZeRO stage 0 (`--ckpt-stage`):
    step time; model FLOP/s (model.flops_per_sample() × samples / step time, recomputation not counted)
    ÷ the GEMM FLOP/s of the same dtype measured in the same process (tb_train.train.logger.measure_peak_flops);
    activation memory = RSS after a training-mode forward (graph alive) − RSS before it; step peak =
-   highest RSS during a step − RSS before it (activations + gradients + temporaries).
+   highest RSS during a step − RSS before it (activations + gradients + temporaries). Compiled runs warm
+   up until a step compiles nothing (the second masked count makes the blocks' shapes dynamic), and report
+   that compile time (and any compilation during the timed steps). One extra step under torch.profiler
+   gives the share of the step spent in GEMMs (mm/addmm/bmm/baddbmm): compile does not make a GEMM faster
+   (inductor calls the same BLAS), so 1 / GEMM share bounds the speed-up it can buy.
 2. ZeRO stage 0 / 1 / 2 / 3 at 2 ranks (gloo): bytes per rank of the parameter storage the rank holds
    (its partition under stage 3), the optimizer's own parameter copies (fp32 masters where DeepSpeed keeps
    them), the optimizer state (Adam moments) and the EMA, after one step; plus RSS growth since before
@@ -49,6 +54,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch threads of the part-1 process")
     p.add_argument("--dtypes", nargs="*", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     p.add_argument("--policies", nargs="*", default=list(POLICIES), choices=list(POLICIES))
+    p.add_argument("--compile", nargs="*", default=["off"], choices=["off", "on"],
+                   help="part 1 without and/or with engine.compile")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of --compile on")
     p.add_argument("--ckpt-stage", type=int, default=0, help="ZeRO stage of part 1")
     p.add_argument("--zero-stages", nargs="*", type=int, default=[0, 1, 2, 3], help="part 2; none = skip")
     p.add_argument("--zero-dtype", default="bf16", choices=["fp32", "bf16"])
@@ -59,6 +67,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", default="fp32", help=argparse.SUPPRESS)
     p.add_argument("--policy", default="none", help=argparse.SUPPRESS)
     p.add_argument("--stage", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--compiled", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -102,9 +111,10 @@ def _model_config(args: argparse.Namespace, items: list[str]):
 
 
 def _engine(args: argparse.Namespace, stage: int, dtype: str, policy: str, micro_batch: int,
-            model_items: list[str]):
+            model_items: list[str], compiled: bool = False):
     from tb_model.registry import create
     from tb_train.dist import init_distributed
+    from tb_train.engine.compile import CompileConfig
     from tb_train.engine.engine import EngineConfig, build_engine
     from tb_train.engine.optim import OptimConfig
 
@@ -112,7 +122,7 @@ def _engine(args: argparse.Namespace, stage: int, dtype: str, policy: str, micro
     dist = init_distributed()
     policy_name, k = POLICIES[policy]
     cfg = EngineConfig(deepspeed=f"zero{stage}", precision=dtype, activation_checkpointing=policy_name,
-                       checkpoint_k=k)
+                       checkpoint_k=k, compile=CompileConfig(enabled=compiled, backend=args.compile_backend))
     rss_before_model = rss_bytes()
     engine = build_engine(lambda: create(model_cfg), cfg, OptimConfig(), micro_batch, dist)
     return dist, engine, rss_before_model
@@ -130,21 +140,57 @@ def _batch(engine, micro_batch: int, step: int, micro_id: int):
     return MicroInput(latents, labels, derive_seed(0, step, micro_id, MODEL_STREAM))
 
 
+# aten ops whose time is GEMM work: the model's matmuls and, with attention dropout on (training), the
+# attention's two batched matmuls (SDPA's math path); inductor leaves them to the BLAS library too
+# (extern kernels). Everything else is what compiling can fuse or remove.
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation")
+
+
+def _gemm_share(engine, mb) -> float:
+    """One step under torch.profiler: the fraction of its wall time spent in GEMMs (self CPU time of
+    those ops on the stepping thread; intra-op threads work inside them)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        engine.step([mb], lr=1e-4)
+    wall_us = (time.perf_counter() - t0) * 1e6
+    self_us = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+    return sum(self_us.get(k, 0.0) for k in GEMM_OPS) / wall_us
+
+
+def _warm_up(engine, b: int, compiled: bool) -> tuple[int, float]:
+    """Steps until one compiles nothing (uncompiled: one step, for the optimizer state and gradients);
+    returns (warm-up steps, seconds spent compiling)."""
+    from tb_train.engine.compile import compile_clock
+
+    clock = compile_clock()
+    for step in range(8):
+        graphs = clock.graphs
+        engine.step([_batch(engine, b, -1 - step, 0)], lr=1e-4)
+        _progress(f"warm-up step {step + 1} done ({clock.graphs - graphs} compilations)")
+        if not compiled or (step and clock.graphs == graphs):
+            return step + 1, clock.seconds
+    raise RuntimeError(f"still compiling after 8 warm-up steps ({clock.graphs} compilations)")
+
+
 def ckpt_worker(args: argparse.Namespace) -> dict:
     """Part 1, one process: step time, MFU against this process's GEMM peak, activation memory."""
     import torch
     from tb_train.dist import shutdown
+    from tb_train.engine.compile import compile_clock
     from tb_train.train.logger import measure_peak_flops
 
     torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     gemm = measure_peak_flops(dtype, device="cpu")
     _progress(f"GEMM {gemm / 1e9:.0f} GFLOP/s")
-    dist, engine, _ = _engine(args, args.ckpt_stage, args.dtype, args.policy, args.micro_batch, args.model)
+    dist, engine, _ = _engine(args, args.ckpt_stage, args.dtype, args.policy, args.micro_batch, args.model,
+                              args.compiled)
     _progress("engine built")
     b = args.micro_batch
-    engine.step([_batch(engine, b, 0, 0)], lr=1e-4)  # warm-up: allocates optimizer state and gradients
-    _progress("warm-up step done")
+    warm_steps, compile_s = _warm_up(engine, b, args.compiled)
+    compiled_before = compile_clock().graphs
     times, step_peaks = [], []
     for s in range(1, args.steps + 1):
         mb = _batch(engine, b, s, 0)
@@ -155,7 +201,9 @@ def ckpt_worker(args: argparse.Namespace) -> dict:
         times.append(time.perf_counter() - t0)
         step_peaks.append(peak_rss_bytes() - before)
         _progress(f"step {s}: {times[-1]:.2f} s")
-    mb = _batch(engine, b, args.steps + 1, 0)
+    timed_compilations = compile_clock().graphs - compiled_before
+    gemm_share = _gemm_share(engine, _batch(engine, b, args.steps + 1, 0))
+    mb = _batch(engine, b, args.steps + 2, 0)
     torch.manual_seed(mb.seed)
     engine.ds.train()
     before = rss_bytes()
@@ -165,7 +213,9 @@ def ckpt_worker(args: argparse.Namespace) -> dict:
     step_time = sum(times) / len(times)
     flops = engine.module.flops_per_sample() * b / step_time
     shutdown()
-    return {"dtype": args.dtype, "policy": args.policy, "micro_batch": b, "step_time_s": step_time,
+    return {"dtype": args.dtype, "policy": args.policy, "compiled": args.compiled, "micro_batch": b,
+            "step_time_s": step_time, "warm_up_steps": warm_steps, "compile_s": compile_s,
+            "timed_compilations": timed_compilations, "gemm_share": gemm_share,
             "model_flops": flops, "gemm_flops": gemm, "mfu_vs_gemm": flops / gemm,
             "activation_bytes": activations, "step_peak_bytes": max(step_peaks),
             "process_peak_bytes": _status_kib("VmPeak") * 1024}
@@ -277,7 +327,8 @@ def _launch(worker_args: list[str], envs: list[dict], timeout: int) -> list[dict
 def _common_args(args: argparse.Namespace) -> list[str]:
     return ["--size", args.size, "--latent-size", str(args.latent_size), "--micro-batch", str(args.micro_batch),
             "--steps", str(args.steps), "--threads", str(args.threads), "--ckpt-stage", str(args.ckpt_stage),
-            "--zero-micro-batch", str(args.zero_micro_batch), "--model", *args.model,
+            "--zero-micro-batch", str(args.zero_micro_batch), "--compile-backend", args.compile_backend,
+            "--model", *args.model,
             "--zero-model", *args.zero_model]
 
 
@@ -285,11 +336,14 @@ def run_ckpt(args: argparse.Namespace) -> list[dict]:
     rows = []
     for dtype in args.dtypes:
         for policy in args.policies:
-            worker = ["--worker", "ckpt", "--dtype", dtype, "--policy", policy, *_common_args(args)]
-            env = {"OMP_NUM_THREADS": str(args.threads)}
-            (row,) = _launch(worker, [env], args.timeout)
-            rows.append(row)
-            print(f"  ckpt {dtype} {policy}: {row['step_time_s']:.2f} s/step", file=sys.stderr, flush=True)
+            for compiled in args.compile:
+                worker = ["--worker", "ckpt", "--dtype", dtype, "--policy", policy, *_common_args(args),
+                          *(["--compiled"] if compiled == "on" else [])]
+                env = {"OMP_NUM_THREADS": str(args.threads)}
+                (row,) = _launch(worker, [env], args.timeout)
+                rows.append(row)
+                print(f"  ckpt {dtype} {policy} compile {compiled}: {row['step_time_s']:.2f} s/step",
+                      file=sys.stderr, flush=True)
     return rows
 
 
@@ -306,17 +360,30 @@ def run_zero(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def compile_speedup(row: dict, rows: list[dict]) -> float | None:
+    """Uncompiled / compiled step time of the same dtype and policy (None for an uncompiled row or
+    when its uncompiled twin was not run)."""
+    twin = [r for r in rows if (r["dtype"], r["policy"], r["compiled"]) == (row["dtype"], row["policy"], False)]
+    return twin[0]["step_time_s"] / row["step_time_s"] if row["compiled"] and twin else None
+
+
 def format_ckpt(rows: list[dict]) -> str:
-    lines = ["| dtype | ckpt | s/step | time × none | model GFLOP/s | GEMM GFLOP/s | MFU vs GEMM "
+    lines = ["| dtype | ckpt | compile | s/step | time × none | compiled speed-up | compile s | model GFLOP/s "
+             "| GEMM GFLOP/s | MFU vs GEMM | GEMM share | bound 1/GEMM share "
              "| activations GiB | act × none | step peak GiB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    base = {r["dtype"]: r for r in rows if r["policy"] == "none"}
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    base = {(r["dtype"], r["compiled"]): r for r in rows if r["policy"] == "none"}
     for r in rows:
-        ref = base.get(r["dtype"])
+        ref = base.get((r["dtype"], r["compiled"]))
         t_ratio = f"{r['step_time_s'] / ref['step_time_s']:.2f}" if ref else "-"
         a_ratio = f"{r['activation_bytes'] / ref['activation_bytes']:.2f}" if ref else "-"
-        lines.append(f"| {r['dtype']} | {r['policy']} | {r['step_time_s']:.2f} | {t_ratio} "
+        speedup = compile_speedup(r, rows)
+        speedup_text = f"{speedup:.2f}×" if speedup else "-"
+        compile_text = f"{r['compile_s']:.0f} (+{r['timed_compilations']} timed)" if r["compiled"] else "-"
+        lines.append(f"| {r['dtype']} | {r['policy']} | {'on' if r['compiled'] else 'off'} | {r['step_time_s']:.2f} "
+                     f"| {t_ratio} | {speedup_text} | {compile_text} "
                      f"| {r['model_flops'] / 1e9:.1f} | {r['gemm_flops'] / 1e9:.1f} | {r['mfu_vs_gemm']:.1%} "
+                     f"| {r['gemm_share']:.0%} | {1 / r['gemm_share']:.2f}× "
                      f"| {r['activation_bytes'] / GIB:.2f} | {a_ratio} | {r['step_peak_bytes'] / GIB:.2f} |")
     return "\n".join(lines)
 
@@ -349,9 +416,9 @@ def bench(args: argparse.Namespace) -> int:
     zero = run_zero(args) if args.zero_stages else []
     load = os.getloadavg()
     if ckpt:
-        print(f"\nActivation checkpointing and MFU ({args.size} {' '.join(args.model)}, latent {args.latent_size}, "
-              f"micro-batch {args.micro_batch}, "
-              f"{args.threads} threads, ZeRO {args.ckpt_stage}):\n" + format_ckpt(ckpt))
+        print(f"\nActivation checkpointing, engine.compile and MFU ({args.size} {' '.join(args.model)}, "
+              f"latent {args.latent_size}, micro-batch {args.micro_batch}, {args.threads} threads, "
+              f"ZeRO {args.ckpt_stage}, compile backend {args.compile_backend}):\n" + format_ckpt(ckpt))
     if zero:
         n = zero[0]["num_params"]
         print(f"\nZeRO memory per rank at 2 ranks ({args.size} {' '.join(args.zero_model)}, {n / 1e6:.1f}M params, "

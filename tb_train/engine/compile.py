@@ -101,12 +101,14 @@ def compile_clock() -> CompileClock:
 
 
 class _Reporter:
-    """Forward pre-hook of the model: prints what was compiled since the previous report, when anything
-    was (so a recompile in the middle of a run shows up too, not only the start-up compile)."""
+    """Forward pre-hook of the model: prints what torch compiled in this process since the previous
+    report (or since the hook was made), when anything was, so a recompile in the middle of a run shows
+    up too, not only the start-up compile. Compilations outside the blocks (`sampling.compile` of a
+    sample-grid hook) count too: the clock sees every torch.compile of the process."""
 
     def __init__(self, backend: str) -> None:
         self.backend = backend
-        self.seen = (0, 0.0)
+        self.seen = (compile_clock().graphs, compile_clock().seconds)
 
     def __call__(self, module: nn.Module, args: Any) -> None:
         clock = compile_clock()

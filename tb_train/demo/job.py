@@ -80,7 +80,7 @@ class Recipe:
         return demo_vae_path(self.channels)
 
 
-# 4 channels: 380 steps per arm (~2.5 min): 5 arms x 2 seeds + the demo fit 45 minutes (docs/demo.md).
+# 4 channels: 360 steps per arm (18 per epoch; ~2.5 min): 5 arms x 2 seeds + the demo fit 45 minutes (docs/demo.md).
 # 16 channels: a step costs ~2.7x (0.66 s vs 0.25 s: the AR head runs 16 steps per token), so 10 epochs (180 steps,
 # ~2.5 min) per arm: rows (b)+(c) x 3 seeds (9 runs) + the 16-channel demo fit 40 minutes on the shared 2-core machine.
 RECIPES = {4: Recipe(4, "precompute_demo", "demo", 20), 16: Recipe(16, "precompute_demo16", "demo16", 10)}

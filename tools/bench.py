@@ -77,7 +77,7 @@ def train_rows(data: dict) -> list[Row]:
         note = f"{r['step_time_s'] / ref['step_time_s']:.2f}× no checkpointing" if ref and ref is not r else ""
         speedup = compile_speedup(r, ckpt)
         if speedup:
-            note += f"{'; ' if note else ''}{speedup:.2f}× faster than uncompiled (compile {r['compile_s']:.0f} s)"
+            note += f"{'; ' if note else ''}{speedup:.2f}× the uncompiled speed (compile {r['compile_s']:.0f} s)"
         what = f"{r['dtype']}, checkpointing {r['policy']}{', engine.compile' if r['compiled'] else ''}"
         rows.append(("train", f"step time, {what}", f"{r['step_time_s']:.3f} s",
                      f"MFU vs GEMM {r['mfu_vs_gemm']:.1%}; GEMM share {r['gemm_share']:.0%}"

@@ -36,11 +36,9 @@ def full_tensors(params: Iterable[torch.Tensor]) -> Iterator[None]:
     build draws in fp32. Ordinary fp32 tensors are written directly."""
     params = list(params)
     parts = [p for p in params if is_partitioned(p)]
-    gather = contextlib.nullcontext()
-    if parts:
-        import deepspeed
-        gather = deepspeed.zero.GatheredParameters(parts, modifier_rank=0)
-    with gather:
+    if parts:  # the parameters' own ZeRO-3 methods: the model library does not import DeepSpeed
+        parts[0].all_gather(param_list=parts)
+    try:
         low = [(p, p.data) for p in params if p.dtype in (torch.bfloat16, torch.float16)]
         for p, data in low:
             p.data = data.float()
@@ -50,6 +48,9 @@ def full_tensors(params: Iterable[torch.Tensor]) -> Iterator[None]:
             for p, data in low:
                 data.copy_(p.data)
                 p.data = data
+    finally:
+        if parts:  # every rank wrote the same seeded values: each keeps its own slice of them
+            parts[0].partition(param_list=parts, has_been_updated=True)
 
 
 def shape_of(p: torch.Tensor) -> torch.Size:

@@ -44,11 +44,10 @@ STEP_LINE = re.compile(r"^step (\d+) \|.*\| mem ")
 
 
 def demo_latents(out: Path) -> Path:
-    """The demo's precomputed digit latents under `out` (made once; tools may use the demo app)."""
-    from tb_train.demo.job import run_precompute
+    """The demo's precomputed digit latents: `tb-demo --out OUT` (or its --smoke) writes OUT/latents."""
     latents = out / "latents"
     if not (latents / "manifest.json").is_file():
-        run_precompute(out)
+        raise SystemExit(f"{latents}: no precomputed latents; run `tb-demo --out {out} --smoke` first")
     return latents
 
 

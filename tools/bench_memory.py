@@ -7,7 +7,7 @@
    L and H of the ImageNet recipes (bf16, 16x16x16 latents, the recipes' micro-batches) at 8 and 32 ranks,
    ZeRO stages 0-3, with and without activation checkpointing; which stage fits an 80 GB and a 141 GB GPU.
 2. Measured: real `tb-train` runs (2 steps, fp32, micro-batch 1, data workers 1) on the demo's digit
-   latents (8x8x4, 10 classes, `tb_train.demo`'s precompute) for each SIZE:WORLD:STAGE given; the peak
+   latents (8x8x4, 10 classes, written by `tb-demo`) for each SIZE:WORLD:STAGE given; the peak
    resident memory of every rank process is polled from /proc (`tb_core.measure.RankPeakMemory`), and the
    runtime's own footprint (python + torch + DeepSpeed + gloo, measured in a process that imports them and
    builds nothing) is subtracted, so "measured" is what the run added. The analytic figure is computed for

@@ -70,11 +70,23 @@ def tb_scalars(run: Path, tag: str = "loss") -> dict[int, float]:
     return out
 
 
-def task_results(run: Path, job_id: str, tasks: int = 2) -> list:
+def task_results(run: Path, job_id: str, tasks: int = 2, timeout: float = 60) -> list:
+    """The tasks' return values. Called once the job left the queue: a result file still missing after
+    `timeout` means the last attempt died without one (submitit's own wait would poll for ever without
+    sacct), so fail with the attempts and the end of every task log instead."""
     import submitit
 
-    return submitit.SlurmJob(folder=records.submit_dir(run) / "logs" / job_id, job_id=job_id,
-                             tasks=list(range(tasks))).results()
+    job = submitit.SlurmJob(folder=records.submit_dir(run) / "logs" / job_id, job_id=job_id,
+                            tasks=list(range(tasks)))
+    deadline = time.monotonic() + timeout
+    while not all(job.task(t).paths.result_pickle.exists() for t in range(tasks)):
+        if time.monotonic() > deadline:
+            logs = "\n".join(f"--- {f}\n{Path(f).read_text()[-600:]}"
+                             for t in records.task_logs(run, job_id, tasks) for f in t.values() if Path(f).exists())
+            raise AssertionError(f"job {job_id} left the queue without results; attempts "
+                                 f"{records.read_attempts(run, job_id)}\n{logs}")
+        time.sleep(0.5)
+    return job.results()
 
 
 def wait_blocked(record: Path, cluster, job_id: str, timeout: float = 240) -> None:

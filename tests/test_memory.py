@@ -59,3 +59,16 @@ def test_rank_peak_memory_sees_each_rank_and_its_workers():
     assert set(mem.ranks) == {1}
     assert 200 * 2 ** 20 < mem.ranks[1] < 400 * 2 ** 20
     assert 100 * 2 ** 20 < mem.workers[1] < 300 * 2 ** 20
+
+
+def test_optimizer_step_transient_and_peak():
+    """The step's ~3 fp32 copies of one stage-3 sub-group (or the whole partition at stages 1-2) do not
+    add to the forward/backward transients: the peak is the state plus the larger of the two."""
+    zero = {"reduce_bucket_size": 10, "stage3_prefetch_bucket_size": 10, "stage3_max_live_parameters": 10,
+            "sub_group_size": 1000}
+    s3 = estimate(CFG, 3, 2, "fp32", 1, zero=zero)
+    assert s3.optimizer_step == 3 * 4 * 1000
+    whole = estimate(CFG, 3, 2, "fp32", 1, zero=dict(zero, sub_group_size=1e12))
+    assert whole.optimizer_step == 3 * 4 * (N / 2)
+    assert whole.total == whole.state + max(whole.zero_buffers + whole.activations, whole.optimizer_step)
+    assert estimate(CFG, 2, 4, "fp32", 1).optimizer_step == 3 * 4 * (N / 4)

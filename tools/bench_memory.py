@@ -17,13 +17,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import queue
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -73,6 +77,38 @@ def train_overrides(size: str, stage: int, world: int, steps: int, ckpt: str, ru
             f"checkpoint.every_steps={every}", "checkpoint.keep_last=1", f"run.max_steps={steps}"]
 
 
+def _lines_until_exit(proc: subprocess.Popen, grace_s: float = 10.0) -> Iterator[str]:
+    """The launcher's output lines until it has exited. A process of the job that outlives the launcher
+    (seen: a rank's data-loader forkserver after the other rank was OOM-killed) still holds the pipe, so
+    EOF alone can wait for ever: once the launcher is gone its process group is killed, and reading stops
+    `grace_s` later in any case."""
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    exited_at = None
+    while True:
+        try:
+            line = lines.get(timeout=1.0)
+        except queue.Empty:
+            line = ""
+        if line is None:
+            return
+        if line:
+            yield line
+        elif proc.poll() is not None:
+            if exited_at is None:
+                exited_at = time.monotonic()
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, 9)
+            elif time.monotonic() - exited_at > grace_s:
+                return
+
+
 def launch_train(overrides: list[str], world: int, log: Path, kill_after_step: int | None = None) -> dict:
     """tb-train --config demo with `overrides` on `world` ranks (torchrun), in its own process group.
     Returns {"exit": code, "peaks": {rank: bytes}, "workers": {rank: bytes}, "seconds": wall, "killed": bool};
@@ -90,7 +126,7 @@ def launch_train(overrides: list[str], world: int, log: Path, kill_after_step: i
         proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)
         with RankPeakMemory(proc.pid) as mem:
-            for line in proc.stdout:
+            for line in _lines_until_exit(proc):
                 f.write(line)
                 f.flush()
                 m = STEP_LINE.match(line)
@@ -116,7 +152,8 @@ def analytic_rows() -> list[list[str]]:
                     g = e.as_gib()
                     fits = [name for name, cap in GPUS.items() if e.total <= cap * 0.9]
                     rows.append([size, world, RECIPE_MICRO_BATCH[size], ckpt, stage, *(f"{g[k]:.1f}" for k in (
-                        "params", "masters", "grads", "optimizer", "ema", "zero_buffers", "activations", "total")),
+                        "params", "masters", "grads", "optimizer", "ema", "zero_buffers", "activations", "optimizer_step",
+                        "total")),
                         ", ".join(fits) or "neither"])
     return rows
 
@@ -154,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print("\n## Analytic per-rank GiB, ImageNet recipes (bf16, 16x16x16 latents); 'fits' = total <= 90% of\n")
     header = ["size", "world", "micro-batch", "act. ckpt", "stage", "params", "masters", "grads", "Adam",
-              "EMA", "ZeRO buffers", "activations", "total", "fits"]
+              "EMA", "ZeRO buffers", "activations", "opt. step", "total", "fits"]
     print(markdown_table(header, analytic_rows()), flush=True)
 
     latents = demo_latents(args.out)

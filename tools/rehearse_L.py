@@ -18,7 +18,10 @@ written to <out>/rehearsal.json (tools/bench_memory.py --rehearsal reads its mem
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
+import os
 import shutil
 import sys
 import time
@@ -28,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_memory import GIB, demo_latents, launch_train, run_estimate, runtime_rss, train_overrides  # noqa: E402
 from tb_core.measure import machine_info, markdown_table  # noqa: E402
+from tb_core.runlock import LOCK_NAME  # noqa: E402
 
 WORLD, STAGE, CKPT = 2, 3, "full"
 
@@ -36,6 +40,38 @@ def losses(run_dir: Path) -> dict[int, float]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     ea = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0}).Reload()
     return {e.step: e.value for e in ea.Scalars("loss")}
+
+
+def lock_holders(lock: Path) -> list[str]:
+    """'pid cmdline' of every process with `lock` open (scanned from /proc/*/fd)."""
+    out = []
+    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+        with contextlib.suppress(OSError):
+            if os.readlink(fd) == str(lock):
+                pid = fd.parent.parent.name
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:100]
+                out.append(f"{pid} {cmd}")
+    return sorted(set(out))
+
+
+def wait_unlocked(run_dir: Path, timeout: float = 180.0) -> float:
+    """Seconds until the killed job's run lock (tb_core.runlock, a kernel flock) is free. A SIGKILLed rank
+    lets go of it only when the kernel has torn the process down; a restart before that fails at once with
+    'another job writes here', which is the lock doing its job, so the rehearsal waits instead."""
+    lock, t0 = run_dir / LOCK_NAME, time.monotonic()
+    fd = os.open(lock, os.O_RDWR)
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                return time.monotonic() - t0
+            except BlockingIOError:
+                if time.monotonic() - t0 > timeout:
+                    raise SystemExit(f"{lock}: still locked {timeout:.0f} s after the kill by {lock_holders(lock)}")
+                time.sleep(0.2)
+    finally:
+        os.close(fd)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     run("reference", args.out / "reference", every=0)
     run("interrupted", args.out / "interrupted", every=args.every, kill_after=args.kill_after)
+    waited = wait_unlocked(args.out / "interrupted")
+    print(f"\nrun lock of the killed job free {waited:.1f} s after it was killed; holders then: "
+          f"{lock_holders(args.out / 'interrupted' / LOCK_NAME) or 'none'}", flush=True)
     run("resumed", args.out / "interrupted", every=args.every)
     ref, got = losses(args.out / "reference"), losses(args.out / "interrupted")
     steps = list(range(1, args.steps + 1))
@@ -82,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     est = run_estimate(args.size, WORLD, STAGE, CKPT)
     print(f"\n## Memory per rank (GiB); runtime footprint {runtime / GIB:.2f} GiB, analytic {est.total / GIB:.2f} "
           f"(state {est.state / GIB:.2f}, ZeRO buffers {est.zero_buffers / GIB:.2f}, activations "
-          f"{est.activations / GIB:.3f})\n")
+          f"{est.activations / GIB:.3f}, optimizer step {est.optimizer_step / GIB:.2f})\n")
     mem_rows = []
     for r in starts:
         for rank in sorted(r["peaks"]):

@@ -77,10 +77,15 @@ class EngineConfig:
     ema_decay: float = 0.9999
     nonfinite_patience: int = 5                 # stop after more than this many non-finite steps in a row
     compile: CompileConfig = field(default_factory=CompileConfig)  # torch.compile per block (engine/compile.py)
+    # every host allocation >= this many MiB gets its own mapping, returned on free (tb_core/hostmem.py:
+    # without it a ZeRO-3 rank's resident memory grows with heap fragmentation); 0 = glibc's default
+    host_mmap_threshold_mb: float = 4.0
 
     def __post_init__(self) -> None:
         if self.grad_accum < 1 or self.checkpoint_k < 1:
             raise ValueError("grad_accum and checkpoint_k must be >= 1")
+        if not 0.0 <= self.host_mmap_threshold_mb <= 32.0:
+            raise ValueError(f"host_mmap_threshold_mb must be in [0, 32] (glibc's limit), got {self.host_mmap_threshold_mb}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
 

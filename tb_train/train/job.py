@@ -35,6 +35,7 @@ import torch.nn as nn
 
 from tb_core.config import dump_config
 from tb_core.errors import ConfigError
+from tb_core.hostmem import fix_mmap_threshold
 from tb_core.runlock import RunLock
 from tb_core.paths import resolve_path
 from tb_model.config import ModelConfig, resolve
@@ -164,6 +165,7 @@ def run(cfg: TrainJobConfig, source: str = "<config>", hooks: Iterable[Hook] = (
     other ranks return its exit status quietly. hooks: added after the built-in sample-grid hook.
     batches: replaces the data loader as the source of micro-batches (tests, tools).
     """
+    fix_mmap_threshold(int(cfg.engine.host_mmap_threshold_mb * 2 ** 20))
     dist = init_distributed()
     preempt = PreemptionFlag()
     trainer = lock = None

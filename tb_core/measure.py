@@ -70,7 +70,9 @@ def _proc_rank(pid: int) -> int | None:
     return None
 
 
-def _descendants(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children, grandchildren, ...), from /proc; whatever session or group they
+    put themselves in (torchrun starts each rank in a new session)."""
     out, todo = [], [pid]
     while todo:
         p = todo.pop()
@@ -108,7 +110,7 @@ class RankPeakMemory:
         self._thread.join()
 
     def poll(self) -> None:
-        for pid in [self.root, *_descendants(self.root)]:
+        for pid in [self.root, *descendants(self.root)]:
             rank = _proc_rank(pid)
             peak = _proc_status_bytes(pid, "VmHWM")
             if rank is None or peak is None:
@@ -133,4 +135,4 @@ class RankPeakMemory:
             time.sleep(self.interval)
 
 
-__all__ = ["RankPeakMemory", "cpu_model", "machine_info", "markdown_table"]
+__all__ = ["RankPeakMemory", "cpu_model", "descendants", "machine_info", "markdown_table"]

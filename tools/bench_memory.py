@@ -22,6 +22,7 @@ import json
 import os
 import queue
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -32,7 +33,7 @@ from typing import Iterator
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tb_core.measure import RankPeakMemory, machine_info, markdown_table  # noqa: E402
+from tb_core.measure import RankPeakMemory, descendants, machine_info, markdown_table  # noqa: E402
 from tb_model.config import ModelConfig  # noqa: E402
 from tb_train.engine.memory import estimate  # noqa: E402
 
@@ -77,10 +78,20 @@ def train_overrides(size: str, stage: int, world: int, steps: int, ckpt: str, ru
             f"checkpoint.every_steps={every}", "checkpoint.keep_last=1", f"run.max_steps={steps}"]
 
 
+def kill_job(root: int) -> None:
+    """SIGKILL the launcher and every process below it, as a node failure would. Not the launcher's process
+    group: torchrun starts each rank in a session of its own, so killing the group left the ranks running
+    (they finished the job and wrote its last checkpoint)."""
+    for _ in range(2):  # a second pass catches a process started while the first one was killing
+        for pid in [root, *descendants(root)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
 def _lines_until_exit(proc: subprocess.Popen, grace_s: float = 10.0) -> Iterator[str]:
     """The launcher's output lines until it has exited. A process of the job that outlives the launcher
     (seen: a rank's data-loader forkserver after the other rank was OOM-killed) still holds the pipe, so
-    EOF alone can wait for ever: once the launcher is gone its process group is killed, and reading stops
+    EOF alone can wait for ever: once the launcher is gone what is left below it is killed, and reading stops
     `grace_s` later in any case."""
     lines: queue.Queue[str | None] = queue.Queue()
 
@@ -103,8 +114,7 @@ def _lines_until_exit(proc: subprocess.Popen, grace_s: float = 10.0) -> Iterator
         elif proc.poll() is not None:
             if exited_at is None:
                 exited_at = time.monotonic()
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(proc.pid, 9)
+                kill_job(proc.pid)
             elif time.monotonic() - exited_at > grace_s:
                 return
 
@@ -134,7 +144,7 @@ def launch_train(overrides: list[str], world: int, log: Path, kill_after_step: i
                     print(f"    {line.strip()}", flush=True)
                     if kill_after_step is not None and int(m.group(1)) >= kill_after_step:
                         mem.poll()
-                        os.killpg(proc.pid, 9)
+                        kill_job(proc.pid)
                         killed = True
             code = proc.wait()
     return {"exit": code, "peaks": mem.ranks, "workers": mem.workers, "seconds": time.monotonic() - started,

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_memory import GIB, demo_latents, launch_train, run_estimate, runtime_rss, train_overrides  # noqa: E402
 from tb_core.measure import machine_info, markdown_table  # noqa: E402
 from tb_core.runlock import LOCK_NAME  # noqa: E402
+from tb_train.engine.checkpoint import read_latest  # noqa: E402
 
 WORLD, STAGE, CKPT = 2, 3, "full"
 
@@ -107,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     run("reference", args.out / "reference", every=0)
     run("interrupted", args.out / "interrupted", every=args.every, kill_after=args.kill_after)
+    latest = read_latest(args.out / "interrupted" / "checkpoints")
+    if latest != f"step_{args.every:08d}":
+        raise SystemExit(f"interrupted: the kill after step {args.kill_after} did not land (latest checkpoint "
+                         f"{latest}, expected step_{args.every:08d})")
     waited = wait_unlocked(args.out / "interrupted")
     print(f"\nrun lock of the killed job free {waited:.1f} s after it was killed; holders then: "
           f"{lock_holders(args.out / 'interrupted' / LOCK_NAME) or 'none'}", flush=True)

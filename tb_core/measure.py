@@ -86,11 +86,21 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+def _is_multiprocessing(pid: int) -> bool:
+    """A forkserver or spawn process of `multiprocessing` (DataLoader workers and their server). Other children
+    of a rank are short-lived commands (git, ...): between their fork and exec /proc reports the rank's own
+    pages (VmHWM of 7.8 GiB for a git started by an L rank), which are shared, not added."""
+    try:
+        return b"multiprocessing" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 class RankPeakMemory:
     """Peak resident memory (VmHWM) per rank of a job started as process `root` (itself a rank, or e.g.
     torchrun and its children), polled from /proc every `interval` seconds in a thread. A rank is a descendant process
-    whose environment has RANK and that is not a child of another rank (DataLoader workers are reported
-    apart, summed per rank, as `workers`). VmHWM is kept by the kernel, so the peak between two polls is
+    whose environment has RANK and that is not a child of another rank (DataLoader workers — multiprocessing
+    processes below a rank — are reported apart, summed per rank, as `workers`). VmHWM is kept by the kernel, so the peak between two polls is
     not lost; only what a process does after the last poll before it exits is."""
 
     def __init__(self, root: int, interval: float = 0.5) -> None:
@@ -123,7 +133,7 @@ class RankPeakMemory:
                 pass
             if parent_rank is None:
                 self.ranks[rank] = max(self.ranks.get(rank, 0), peak)
-            else:
+            elif _is_multiprocessing(pid):
                 self._worker_peaks[pid] = (rank, max(peak, self._worker_peaks.get(pid, (rank, 0))[1]))
         self.workers = {}
         for rank, peak in self._worker_peaks.values():

@@ -180,11 +180,12 @@ def run_estimate(size: str, world: int, stage: int, ckpt: str):
     return estimate(ModelConfig(size=size, **DEMO_SHAPE), stage, world, "fp32", 1, ckpt, zero=zero)
 
 
-def measured_row(size: str, world: int, stage: int, ckpt: str, result: dict, runtime: int) -> list[str]:
+def measured_row(size: str, world: int, stage: int, ckpt: str, result: dict, runtime: int,
+                 label: str | None = None) -> list[str]:
     e = run_estimate(size, world, stage, ckpt)
     peak = max(result["peaks"].values())
     added = peak - runtime
-    return [size, world, stage, ckpt, f"{e.state / GIB:.2f}", f"{e.total / GIB:.2f}", f"{peak / GIB:.2f}",
+    return [label or size, world, stage, ckpt, f"{e.state / GIB:.2f}", f"{e.total / GIB:.2f}", f"{peak / GIB:.2f}",
             f"{added / GIB:.2f}", f"{added / e.total:.2f}",
             f"{max(result['workers'].values(), default=0) / GIB:.2f}"]
 
@@ -222,8 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(measured_row(size, world, stage, ckpt, result, runtime))
     if args.rehearsal and args.rehearsal.is_file():
         rec = json.loads(args.rehearsal.read_text())
-        rows.append(measured_row("L", rec["world"], rec["stage"], rec["ckpt"], rec["memory"], rec["runtime_rss"])
-                    + ["(tools/rehearse_L.py)"])
+        rows.append(measured_row("L", rec["world"], rec["stage"], rec["ckpt"], rec["memory"], rec["runtime_rss"],
+                                 label="L (tools/rehearse_L.py)"))
     print("\n## Measured per rank (fp32, micro-batch 1, demo latents 8x8x4), GiB; 'added' = peak - runtime\n")
     print(markdown_table(["size", "world", "stage", "act. ckpt", "analytic state", "analytic total",
                           "measured peak RSS (max rank)", "added by the run", "added / analytic",

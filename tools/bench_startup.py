@@ -16,8 +16,8 @@ For each set, two ranks start as two processes in one gloo process group and do 
 errors combined), then `next_step()` with 2 reader workers (micro-batch 64). "first start" uses a fresh
 run folder, "restart" the same run folder again (its `data_verified.json` is there). After the restart's
 first batch each rank trains on `--steps` more steps of data (no model), then reads the RSS and the
-private memory (USS: what it does not share with the rank it was forked from) of its 2 worker processes
-from /proc: a worker by then has read every shard (2,503 shards, ~22k random reads each at the default).
+private memory (USS: what it does not share with the loader's forkserver it was forked from) of its 2
+worker processes from /proc: a worker by then has read every shard (2,503 shards, ~22k random reads each at the default).
 The previous reader's per-worker tar-header scan is measured beside it on the small set (`index_tar` over
 every shard, entries kept as it kept them).
 

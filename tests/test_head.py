@@ -76,6 +76,11 @@ def test_fused_step_uses_packed_weights_only_on_cpu_float32() -> None:
     assert plain.blocks[0].qkv[0] is head.blocks[0].attn.qkv.weight.data or torch.equal(
         plain.blocks[0].qkv[0], head.blocks[0].attn.qkv.weight)
     assert not plain.blocks[0].qkv[0].is_mkldnn
+    from tb_model.head import _SAMPLING_WEIGHTS
+    assert set(_SAMPLING_WEIGHTS[head][1]) == {(True, False), (False, False)}
+    head.sample(z[:1])  # one position: the trunk packed for a matrix-vector product, a layout of its own
+    assert (True, True) in _SAMPLING_WEIGHTS[head][1]
+    assert head.sampling_weights(packed=True, single_row=True).blocks[0].fc1[0].is_mkldnn
     mod_rows = torch.cat([head.blocks[0].adaLN_modulation[-1].weight, head.blocks[1].adaLN_modulation[-1].weight,
                           head.final.adaLN_modulation[-1].weight])
     assert torch.equal(plain.mod[0], mod_rows)  # block 0, block 1, then the final modulation: one GEMM

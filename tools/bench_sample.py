@@ -129,7 +129,9 @@ def bench_sampling(args, device) -> list[str]:
                                            compiled)
                 line = (f"compiled MAR pass (inductor), {size}, num_iter {num_iter}: {t_c:.1f} s "
                         f"({split(t_c, timer)}), MAR {timer.mar:.1f} s vs {mar_def:.1f} s uncompiled "
-                        f"({mar_def / timer.mar:.2f}x), whole {t_def / t_c:.2f}x; compile + 2-step warm-up {first:.0f} s; "
+                        f"({mar_def / timer.mar:.2f}x), whole {t_def / t_c:.2f}x"
+                        f"{f', official / compiled {t_off / t_c:.2f}x' if args.official else ''}; "
+                        f"compile + 2-step warm-up {first:.0f} s; "
                         f"same latents: {'yes' if torch.equal(lat_c, lat_def) else 'no'}")
                 rows.append(line)
                 print(line, flush=True)

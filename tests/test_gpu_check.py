@@ -98,3 +98,19 @@ def test_gpu_check_tiny_runs_every_part_and_reports_oom(tmp_path) -> None:
 
     (inception,) = _table(text, "## Inception")
     assert inception[0] == "2" and float(inception[1]) > 0
+
+
+def test_inception_without_torch_fidelity_is_a_row_not_a_crash(monkeypatch) -> None:
+    """torch-fidelity missing (as on the first H200 the tool ran on): the Inception part says so in its
+    row and the run goes on (the crash had lost the sampling section); the tiny run above measures it."""
+    import argparse
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(ROOT / "tools"))
+    import gpu_check
+
+    args = argparse.Namespace(device=torch.device("cpu"), inception_batch=2)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch_fidelity" else real(name, *a))
+    assert gpu_check.measure_inception(args) == {"batch": "2", "img/s": "skipped: torch-fidelity not installed",
+                                                 "TF32 after it": "-"}

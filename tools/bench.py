@@ -39,9 +39,8 @@ def head_rows(out: str) -> list[Row]:
     part1 = re.compile(rf"^\s*(\w+)\s+(\d+)\s+({NUM})\s+({NUM})\s+({NUM}|-)\s+({NUM}) \|\s*({NUM})"
                        rf"\s+({NUM}|-) \|\s*({NUM}|-)\s*$")
     part1b = re.compile(rf"^(\w+) N=1: ({NUM}) ms/step measured, ({NUM}) MB/step weights -> ({NUM}) ms/step at "
-                        rf"({NUM}) GB/s; measured / bound ({NUM})$")
-    part1c = re.compile(rf"^(\w+) N=1 interleaved \(read, call\) x \d+: ({NUM}) ms/step, read ({NUM}) GB/s, "
-                        rf"measured / bound ({NUM}) \(median\)$")
+                        rf"({NUM}) GB/s; measured / bound ({NUM}) \(bandwidth ({NUM}) GB/s just before the timed calls, "
+                        rf"({NUM}) just after\)$")
     part2 = re.compile(rf"^\s*(\w+)\s+({NUM})\s+({NUM})%\s+({NUM})\s+({NUM})%\s+({NUM})(.*)$")
     for line in out.splitlines():
         if m := part1.match(line):
@@ -54,13 +53,10 @@ def head_rows(out: str) -> list[Row]:
                 rows.append(("head", f"MAR diffusion head / AR head, {size}, N={n}", f"{float(dc):.2f}×",
                              f"FLOP ratio {float(fdc):.2f}"))
         elif m := part1b.match(line):
-            size, step, mb, bound, rate, ratio = m.groups()
+            size, step, mb, bound, rate, ratio, before, after = m.groups()
             rows.append(("head", f"cached step at N=1, {size}: measured / weight-bytes bound", f"{float(ratio):.2f}",
-                         f"{float(step):.2f} ms vs {float(bound):.2f} ms ({float(mb):.1f} MB at {float(rate):.1f} GB/s)"))
-        elif m := part1c.match(line):
-            size, step, rate, ratio = m.groups()
-            rows.append(("head", f"cached step at N=1, {size}: measured / bound, reads and calls alternated",
-                         f"{float(ratio):.2f}", f"{float(step):.2f} ms per step, read {float(rate):.1f} GB/s (medians)"))
+                         f"{float(step):.2f} ms vs {float(bound):.2f} ms ({float(mb):.1f} MB at {float(rate):.1f} GB/s; "
+                         f"{float(before):.1f} before, {float(after):.1f} after the timed calls)"))
         elif m := part2.match(line):
             size, fast, share, official, share_o, ratio, note = m.groups()
             rows += [("head", f"whole image, {size}, default loop", f"{float(fast):.2f} s",

@@ -10,9 +10,9 @@ bounds each speed-up.
 Part 1b (rows with N = 1): one cached step against the memory bound. The step reads every trunk weight
 once (a matrix-vector product per Linear), so its floor is (weight bytes the cached loop reads per call
 / steps) / memory bandwidth, the bandwidth measured in the same run (a 512 MiB copy and a 512 MiB sum,
-the faster of the two, so the bound is the strict one); printed: both times and their ratio. As the
-bandwidth here drifts with the host's load, the ratio is also taken from reads and calls alternated
-(`interleaved_bound`), the figure to quote.
+the faster of the two, so the bound is the strict one); printed: both times and their ratio. This host's
+bandwidth drifts with its neighbours' load (27 to 63 GB/s within an hour), so it is read just before and
+just after the timed calls, and the faster reading sets the bound.
 Part 2: whole-image generation at num_iter 64 with CFG: the head's share of the total time, and the
 default loop (batched CFG + KV cache) vs the official-style loop (two MAR passes + prefix recompute);
 measured by running `generate` (--whole) or estimated from timed MAR passes and head calls (--estimate).
@@ -79,26 +79,6 @@ def memory_bandwidth(nbytes: int = 512 * 2 ** 20, repeats: int = 5) -> dict[str,
     return best
 
 
-def interleaved_bound(fn: Callable[[], object], step_bytes: float, steps: int, pairs: int = 7,
-                      nbytes: int = 512 * 2 ** 20) -> dict[str, float]:
-    """One cached call of `steps` steps against the read bound, measured in alternation: a read of a
-    large buffer (a sum), then the call, `pairs` times. This machine's memory bandwidth drifts with the
-    host's load (27 to 63 GB/s measured within one hour), so a bound taken minutes before the timing
-    can be off by 2x; each pair is taken within a second. Returns the medians of the step time, of the
-    read rate and of the per-pair ratio step / (step_bytes / rate)."""
-    src = torch.ones(nbytes // 4)
-    step_s, rates, ratios = [], [], []
-    for _ in range(pairs):
-        t0 = time.perf_counter()
-        src.sum()
-        rate = nbytes / (time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        fn()
-        step = (time.perf_counter() - t0) / steps
-        step_s.append(step), rates.append(rate), ratios.append(step * rate / step_bytes)
-    return {"step": statistics.median(step_s), "rate": statistics.median(rates), "ratio": statistics.median(ratios)}
-
-
 def cached_weight_bytes(head: ARHead) -> int:
     """Weight bytes one cached `sample` call reads: cond_proj and every modulation once, every step the
     trunk (blocks' Linears and norms, the final norm) and its own classifier."""
@@ -132,9 +112,11 @@ def bench_heads(size: str, batch: int, dtype: torch.dtype, cfg_scale: float, arg
     out = {"size": size, "batch": batch, "steps": head.steps, "weight_bytes": cached_weight_bytes(head)}
     with torch.inference_mode():
         for name, fn in runs(batch).items():
+            if name == "cache" and batch == 1:  # the host's bandwidth drifts: read it around the timed calls
+                out["bandwidth"] = [memory_bandwidth(repeats=3)]
             out[f"t_{name}"] = timed(fn, args.min_time, args.repeats)
-        if batch == 1:
-            out["bound"] = interleaved_bound(runs(1)["cache"], out["weight_bytes"] / head.steps, head.steps)
+            if name == "cache" and batch == 1:
+                out["bandwidth"].append(memory_bandwidth(repeats=3))
         counted = runs(1)  # FLOPs are linear in the number of positions
         # The same arithmetic on plain weights: the counter does not see oneDNN's packed GEMMs.
         counted["cache"] = lambda: head.sample(z[:1], 1.0, gen, step=lambda *a: head.sample_step(*a))
@@ -242,10 +224,6 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, cfg {args.cfg}")
     head_sizes = [s for s in args.sizes.split(",") if s]
     batches = [int(b) for b in args.batch.split(",") if b]
-    bandwidth = memory_bandwidth() if head_sizes and 1 in batches else None
-    if bandwidth:
-        print(f"memory bandwidth: copy {bandwidth['copy'] / 1e9:.1f} GB/s (read + write), "
-              f"read {bandwidth['read'] / 1e9:.1f} GB/s (sum); 512 MiB, best of 5", flush=True)
     if head_sizes:
         print("Part 1: head sampling per call (ms) and ratios (measured | FLOPs)")
         print(f"{'size':>5} {'N':>4} {'cache':>9} {'prefix':>9} {'diffusion':>10} "
@@ -262,16 +240,15 @@ def main() -> None:
                 diffusion, ratio = f"{'-':>10}", f"{'-':>8} | {'-':>6}"
             print(f"{size:>5} {batch:>4} {1e3 * r['t_cache']:9.2f} {1e3 * r['t_prefix']:9.2f} "
                   f"{diffusion} {pc:7.2f} | {fpc:6.2f}  {ratio}", flush=True)
-            if batch == 1 and bandwidth:
-                rate = max(bandwidth.values())
+            if batch == 1 and head_sizes:
+                before, after = (max(b.values()) for b in r["bandwidth"])
+                rate = max(before, after)
                 step_bytes = r["weight_bytes"] / r["steps"]
                 measured, bound = r["t_cache"] / r["steps"], step_bytes / rate
-                b = r["bound"]
                 bound_lines.append(f"{size} N=1: {1e3 * measured:.2f} ms/step measured, {step_bytes / 1e6:.1f} MB/step "
                                    f"weights -> {1e3 * bound:.2f} ms/step at {rate / 1e9:.1f} GB/s; "
-                                   f"measured / bound {measured / bound:.2f}\n"
-                                   f"{size} N=1 interleaved (read, call) x 7: {1e3 * b['step']:.2f} ms/step, "
-                                   f"read {b['rate'] / 1e9:.1f} GB/s, measured / bound {b['ratio']:.2f} (median)")
+                                   f"measured / bound {measured / bound:.2f} (bandwidth {before / 1e9:.1f} GB/s "
+                                   f"just before the timed calls, {after / 1e9:.1f} just after)")
     if bound_lines:
         print("Part 1b: one cached step at N=1 vs weight bytes / memory bandwidth")
         print("\n".join(bound_lines), flush=True)

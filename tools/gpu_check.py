@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import sys
 import tempfile
 import time
@@ -360,7 +361,11 @@ def sampling_status(args: argparse.Namespace, status: str) -> tuple:
 
 # -- 5. Inception ------------------------------------------------------------------------------------------
 def measure_inception(args: argparse.Namespace) -> dict[str, str]:
+    """Inception img/s; without torch-fidelity (the network's layout comes from it) a row that says so:
+    on the first H200 run it was missing there, and the crash lost the sampling section after it."""
     device, batch = args.device, args.inception_batch
+    if importlib.util.find_spec("torch_fidelity") is None:
+        return {"batch": str(batch), "img/s": "skipped: torch-fidelity not installed", "TF32 after it": "-"}
     with tempfile.TemporaryDirectory() as tmp:
         extractor = InceptionExtractor(write_random_weights(Path(tmp) / "inception.pth"), device)
     images = torch.randint(0, 256, (batch, 3, 256, 256), dtype=torch.uint8, device=device)
@@ -433,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
     train_sweep(args, precision, peak_flops, deadline, (1 - TRAIN_SHARE) * args.budget_s, emit, report.train)
     report.inception = measure_inception(args)
     emit()
+    if report.inception["img/s"].startswith("skipped"):
+        print(f"gpu_check: Inception {report.inception['img/s']}; the other parts run", file=sys.stderr)
     model = build(args.sample_size, args)
     row, eager = measure_sampling(model, args, compiled=False, eager=None)
     report.sampling.append(row)

@@ -18,7 +18,7 @@ default loop (batched CFG + KV cache) vs the official-style loop (two MAR passes
 measured by running `generate` (--whole) or estimated from timed MAR passes and head calls (--estimate).
 
 Usage: python tools/bench_head.py [--sizes tiny,L] [--batch 1,64] [--whole tiny] [--estimate L]
-                                 [--dtype fp32|bf16] [--threads N] [--no-diffusion]
+                                 [--dtype fp32|bf16] [--threads N] [--no-diffusion] [--device cuda]
 """
 from __future__ import annotations
 
@@ -39,6 +39,13 @@ from tb_model.tokenbridge import mask_schedule
 
 TINY_DIFFUSION = (2, 64)  # blocks x width for the tiny size (MAR has no tiny diffusion head)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def synced(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
+    """fn, then wait for the device: a CUDA call returns before its kernels have run."""
+    if device.type != "cuda":
+        return fn
+    return lambda: (fn(), torch.cuda.synchronize(device))
 
 
 def timed(fn: Callable[[], object], min_time: float, max_repeats: int) -> float:
@@ -91,14 +98,15 @@ def cached_weight_bytes(head: ARHead) -> int:
 
 def bench_heads(size: str, batch: int, dtype: torch.dtype, cfg_scale: float, args: argparse.Namespace) -> dict:
     cfg = resolve(ModelConfig(size=size))
+    device = torch.device(args.device)
     torch.manual_seed(0)
     head = ARHead(cfg.width, cfg.head_width, cfg.head_depth, cfg.head_num_heads, cfg.latent_channels,
-                  cfg.quantizer.levels).to(dtype).eval()
+                  cfg.quantizer.levels).to(device, dtype).eval()
     depth, width = MAR_DIFFUSION_SIZES.get(size, TINY_DIFFUSION)
-    diff = DiffusionHead(cfg.latent_channels, cfg.width, width, depth).to(dtype).eval()
-    z = torch.randn(batch, cfg.width, dtype=dtype)
-    z2 = torch.randn(2 * batch, cfg.width, dtype=dtype)
-    gen = torch.Generator().manual_seed(0)
+    diff = DiffusionHead(cfg.latent_channels, cfg.width, width, depth).to(device, dtype).eval()
+    z = torch.randn(batch, cfg.width, dtype=dtype).to(device)
+    z2 = torch.randn(2 * batch, cfg.width, dtype=dtype).to(device)
+    gen = torch.Generator(device).manual_seed(0)
     def runs(n: int) -> dict[str, Callable[[], object]]:
         fns = {
             "cache": lambda: head.sample(z[:n], 1.0, gen, use_cache=True),
@@ -111,11 +119,12 @@ def bench_heads(size: str, batch: int, dtype: torch.dtype, cfg_scale: float, arg
 
     out = {"size": size, "batch": batch, "steps": head.steps, "weight_bytes": cached_weight_bytes(head)}
     with torch.inference_mode():
+        bound = batch == 1 and device.type == "cpu"  # the weight-read bound of part 1b (host memory)
         for name, fn in runs(batch).items():
-            if name == "cache" and batch == 1:  # the host's bandwidth drifts: read it around the timed calls
+            if name == "cache" and bound:  # the host's bandwidth drifts: read it around the timed calls
                 out["bandwidth"] = [memory_bandwidth(repeats=3)]
-            out[f"t_{name}"] = timed(fn, args.min_time, args.repeats)
-            if name == "cache" and batch == 1:
+            out[f"t_{name}"] = timed(synced(fn, device), args.min_time, args.repeats)
+            if name == "cache" and bound:
                 out["bandwidth"].append(memory_bandwidth(repeats=3))
         counted = runs(1)  # FLOPs are linear in the number of positions
         # The same arithmetic on plain weights: the counter does not see oneDNN's packed GEMMs.
@@ -215,13 +224,16 @@ def main() -> None:
     ap.add_argument("--cfg", type=float, default=3.0)
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
+    ap.add_argument("--device", default="cpu", help="part 1's device (cuda: timed with synchronisation; "
+                    "part 1b is CPU-only)")
     ap.add_argument("--repeats", type=int, default=5, help="max timed calls per measurement")
     ap.add_argument("--min-time", type=float, default=0.5, help="seconds of timed calls to aim for")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, cfg {args.cfg}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, cfg {args.cfg}, "
+          f"device {args.device}{' (' + torch.cuda.get_device_name() + ')' if args.device.startswith('cuda') else ''}")
     head_sizes = [s for s in args.sizes.split(",") if s]
     batches = [int(b) for b in args.batch.split(",") if b]
     if head_sizes:
@@ -240,7 +252,7 @@ def main() -> None:
                 diffusion, ratio = f"{'-':>10}", f"{'-':>8} | {'-':>6}"
             print(f"{size:>5} {batch:>4} {1e3 * r['t_cache']:9.2f} {1e3 * r['t_prefix']:9.2f} "
                   f"{diffusion} {pc:7.2f} | {fpc:6.2f}  {ratio}", flush=True)
-            if batch == 1 and head_sizes:
+            if "bandwidth" in r:
                 before, after = (max(b.values()) for b in r["bandwidth"])
                 rate = max(before, after)
                 step_bytes = r["weight_bytes"] / r["steps"]

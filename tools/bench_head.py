@@ -27,15 +27,20 @@ import statistics
 import time
 from typing import Callable
 
+import sys
+from pathlib import Path
+
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from tb_model.baselines.diffloss import MAR_DIFFUSION_SIZES, DiffusionHead
-from tb_model.head import ARHead
-from tb_model.config import ModelConfig, resolve
-from tb_model.registry import create
-from tb_model.tokenbridge import mask_schedule
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a bare checkout (a lent GPU) too
+
+from tb_model.baselines.diffloss import MAR_DIFFUSION_SIZES, DiffusionHead  # noqa: E402
+from tb_model.head import ARHead  # noqa: E402
+from tb_model.config import ModelConfig, resolve  # noqa: E402
+from tb_model.registry import create  # noqa: E402
+from tb_model.tokenbridge import mask_schedule  # noqa: E402
 
 TINY_DIFFUSION = (2, 64)  # blocks x width for the tiny size (MAR has no tiny diffusion head)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -12,7 +12,10 @@ import platform
 import threading
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:  # torch is imported where used: tb_core's base modules do not need it
+    import torch
 
 
 def cpu_model() -> str:
@@ -39,6 +42,15 @@ def machine_info() -> dict[str, str]:
     except OSError:
         pass
     return info
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work: a CUDA call returns before its kernels have run, so a timer
+    read without this measures the launch, not the work. No-op elsewhere."""
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -145,4 +157,4 @@ class RankPeakMemory:
             time.sleep(self.interval)
 
 
-__all__ = ["RankPeakMemory", "cpu_model", "descendants", "machine_info", "markdown_table"]
+__all__ = ["RankPeakMemory", "cpu_model", "descendants", "machine_info", "markdown_table", "synchronize"]

@@ -24,11 +24,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
-from typing import Callable
-
 import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -36,6 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a bare checkout (a lent GPU) too
 
+from tb_core.measure import synchronize  # noqa: E402
 from tb_model.baselines.diffloss import MAR_DIFFUSION_SIZES, DiffusionHead  # noqa: E402
 from tb_model.head import ARHead  # noqa: E402
 from tb_model.config import ModelConfig, resolve  # noqa: E402
@@ -44,13 +44,6 @@ from tb_model.tokenbridge import mask_schedule  # noqa: E402
 
 TINY_DIFFUSION = (2, 64)  # blocks x width for the tiny size (MAR has no tiny diffusion head)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def synced(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
-    """fn, then wait for the device: a CUDA call returns before its kernels have run."""
-    if device.type != "cuda":
-        return fn
-    return lambda: (fn(), torch.cuda.synchronize(device))
 
 
 def timed(fn: Callable[[], object], min_time: float, max_repeats: int) -> float:
@@ -128,7 +121,7 @@ def bench_heads(size: str, batch: int, dtype: torch.dtype, cfg_scale: float, arg
         for name, fn in runs(batch).items():
             if name == "cache" and bound:  # the host's bandwidth drifts: read it around the timed calls
                 out["bandwidth"] = [memory_bandwidth(repeats=3)]
-            out[f"t_{name}"] = timed(synced(fn, device), args.min_time, args.repeats)
+            out[f"t_{name}"] = timed(lambda: (fn(), synchronize(device)), args.min_time, args.repeats)
             if name == "cache" and bound:
                 out["bandwidth"].append(memory_bandwidth(repeats=3))
         counted = runs(1)  # FLOPs are linear in the number of positions

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tb_core.measure import cpu_model  # noqa: E402
+from tb_core.measure import cpu_model, synchronize  # noqa: E402
 from tb_model.registry import create  # noqa: E402
 from tb_model.tokenbridge import GenerationFns  # noqa: E402
 from tb_train.sample.sampler import sample_seed  # noqa: E402
@@ -53,16 +53,12 @@ class PartTimer:
 
         model.head.sample = timed_sample
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-
     def _start(self) -> None:
-        self._sync()
+        synchronize(self.device)
         self._t0 = time.perf_counter()
 
     def _stop(self, part: str) -> None:
-        self._sync()
+        synchronize(self.device)
         setattr(self, part, getattr(self, part) + time.perf_counter() - self._t0)
 
     def reset(self) -> None:
@@ -75,15 +71,13 @@ def time_generate(model, labels, num_iter: int, cfg: float, official: bool, prec
     timer holds the MAR and head seconds of the call afterwards."""
     gens = [torch.Generator().manual_seed(sample_seed(0, i)) for i in range(len(labels))]
     ctx = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
     timer.reset()
     t = time.perf_counter()
     with ctx:
         out = model.generate(labels, num_iter=num_iter, cfg=cfg, temperature=1.0, generator=gens, official=official,
                              fns=fns)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
     return time.perf_counter() - t, out.float()
 
 
@@ -150,8 +144,7 @@ def bench_eval(args, device) -> str:
     t = time.perf_counter()
     for _ in range(args.eval_repeats):
         net(images)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
     dt = time.perf_counter() - t
     n = args.eval_batch * args.eval_repeats
     line = f"Inception features (pool3 + logits + spatial), 256x256, batch {args.eval_batch}: {n / dt:.2f} img/s ({dt:.1f} s for {n})"

@@ -57,7 +57,7 @@ from torch.utils._pytree import tree_leaves
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tb_core.measure import machine_info, markdown_table  # noqa: E402
+from tb_core.measure import machine_info, markdown_table, synchronize  # noqa: E402
 from tb_model.registry import create  # noqa: E402
 from tb_model.tokenbridge import TokenBridge  # noqa: E402
 from tb_train.engine.activation_ckpt import apply_activation_checkpointing  # noqa: E402
@@ -117,11 +117,6 @@ class Deadline:
 
     def left(self) -> float:
         return self.end - time.perf_counter()
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def autocast(device: torch.device, precision: str) -> ContextManager:
@@ -202,7 +197,7 @@ def host_syncs(fn: Callable[[], object], device: torch.device) -> int:
         with _HostReads() as mode:
             fn()
         return mode.count
-    sync(device)
+    synchronize(device)
     torch.cuda.set_sync_debug_mode("warn")
     try:
         with warnings.catch_warnings(record=True) as seen:
@@ -311,11 +306,11 @@ def measure_train(model: TokenBridge, opt: torch.optim.Optimizer, row: TrainRow,
     try:
         for i in range(args.warmup):
             step(i)
-        sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
         for i in range(args.steps):
             step(args.warmup + i)
-        sync(device)
+        synchronize(device)
     except torch.OutOfMemoryError:
         row.status = "OOM"
         return
@@ -341,11 +336,11 @@ def measure_sampling(model: TokenBridge, args: argparse.Namespace, compiled: boo
     labels = [i % model.config.num_classes for i in range(args.sample_batch)]
     t0 = time.perf_counter()
     sampler.latents(labels[:2], [0, 1], seed=0)
-    sync(device)
+    synchronize(device)
     first = time.perf_counter() - t0
     t0 = time.perf_counter()
     latents = sampler.latents(labels, range(args.sample_batch), seed=1)
-    sync(device)
+    synchronize(device)
     rate = args.sample_batch / (time.perf_counter() - t0)
     how = ("inductor" if device.type == "cuda" else "dynamo, eager backend") if compiled else "off"
     same = "-" if eager is None else f"{100 * float((latents == eager).float().mean()):.2f}%"
@@ -365,17 +360,18 @@ def measure_inception(args: argparse.Namespace) -> dict[str, str]:
     on the first H200 run it was missing there, and the crash lost the sampling section after it."""
     device, batch = args.device, args.inception_batch
     if importlib.util.find_spec("torch_fidelity") is None:
+        print("gpu_check: Inception skipped: torch-fidelity not installed; the other parts run", file=sys.stderr)
         return {"batch": str(batch), "img/s": "skipped: torch-fidelity not installed", "TF32 after it": "-"}
     with tempfile.TemporaryDirectory() as tmp:
         extractor = InceptionExtractor(write_random_weights(Path(tmp) / "inception.pth"), device)
     images = torch.randint(0, 256, (batch, 3, 256, 256), dtype=torch.uint8, device=device)
     extractor(images[:2])  # warm-up
-    sync(device)
+    synchronize(device)
     reps = 5 if device.type == "cuda" else 1
     t0 = time.perf_counter()
     for _ in range(reps):
         extractor(images)
-    sync(device)
+    synchronize(device)
     rate = reps * batch / (time.perf_counter() - t0)
     return {"batch": str(batch), "img/s": f"{rate:.1f}",
             "TF32 after it": "on" if torch.backends.cuda.matmul.allow_tf32 else "off"}
@@ -438,8 +434,6 @@ def main(argv: list[str] | None = None) -> int:
     train_sweep(args, precision, peak_flops, deadline, (1 - TRAIN_SHARE) * args.budget_s, emit, report.train)
     report.inception = measure_inception(args)
     emit()
-    if report.inception["img/s"].startswith("skipped"):
-        print(f"gpu_check: Inception {report.inception['img/s']}; the other parts run", file=sys.stderr)
     model = build(args.sample_size, args)
     row, eager = measure_sampling(model, args, compiled=False, eager=None)
     report.sampling.append(row)

@@ -23,9 +23,9 @@ also the prefetch bucket `stage3_prefetch_bucket_size` and the gathered weights,
 to `stage3_max_live_parameters` elements — at least two blocks, at most the whole model: with DeepSpeed's
 default 1e9 and a reuse distance as large, a recomputing backward can keep all of L gathered); activations of one micro-batch (Korthikanti et al. 2022, "Reducing
 Activation Recomputation in Large Transformer Models": s·b·h·(34 + 5·a·s/h) bytes per layer for 16-bit
-activations (precision bf16); doubled for fp32 and for amp_bf16, whose autocast keeps the residual stream
-and the norms in fp32 (measured on an H200, docs/training.md); with full checkpointing each block keeps only its input, s·b·h·act_bytes,
-plus one block's full set during its recompute); and the head's logits (fp32, kept with their softmax
+activations (precision bf16); doubled for fp32 and for amp_bf16, whose autocast keeps the residual
+stream and the norms in fp32 (measured on an H200, docs/training.md); with full checkpointing each
+block keeps only its input, s·b·h·act_bytes, plus one block's full set during its recompute); and the head's logits (fp32, kept with their softmax
 for the backward). Sequence lengths are the largest a step can see: the encoder at the smallest mask
 ratio (buffer + (1 - mask_ratio_min)·L tokens), the decoder at buffer + L, the head over every position
 (mask ratio 1) with C / channel_group steps. The optimizer step's temporaries come after the backward has
@@ -152,7 +152,7 @@ def estimate(cfg: ModelConfig, stage: int, world: int, precision: str, micro_bat
     step = 3 * 4 * chunk
     # 16-bit activations only where the weights are 16-bit: under amp_bf16's autocast the residual
     # stream, the norms and the tensors they save stay fp32 (measured on one H200, L and H, micro-batch
-    # 16-128, amp_bf16, world 1: peak / this model 0.92-1.24 with 4 bytes, 1.3-2.2 with 2)
+    # 16-128, amp_bf16, world 1: peak / this model 0.92-1.26 with 4 bytes, 1.12-2.20 with 2)
     act_bytes = 2 if precision == "bf16" else 4
     acts = activation_bytes(cfg, micro_batch, act_bytes, checkpointing)
     return MemoryEstimate(params, masters, grads, optimizer, ema, buffers, acts, step)

@@ -24,7 +24,8 @@ modulation of every block and the final layer for every step comes from ONE GEMM
 (the adaLN Linears stacked, `SamplingWeights`), LayerNorm + modulate and x + gate * branch are one
 addcmul each, QKV is one GEMM whose keys and values go into the preallocated cache row in place, the
 new query attends over the whole cache with an additive causal row, and on a CPU in float32 the GEMMs
-run on oneDNN-packed weights (GELU fused into fc1). Every shape is the same at every step and `pos`
+run on oneDNN-packed weights (GELU fused into fc1); at one or two rows each block is one call of
+tb_model.rowkernels instead (`step_kernel` chooses). Every shape is the same at every step and `pos`
 only slices, so torch.compile (`TokenBridge.generation_fns`) traces it once for all steps and batch
 sizes; the loop over steps stays in Python, which keeps compiling fast (a compiled loop unrolls
 steps x blocks into one graph: 105 s of tracing at L's head shape on the 2-core CPU, against 32 s for
@@ -42,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import rowkernels
 from .mar import LN_EPS, Attention, Mlp, init_layers
 from .partitioned import full_tensors
 
@@ -100,6 +102,15 @@ def pick_tokens(logits: Tensor, uniforms: Tensor, temperature: float) -> tuple[T
     return tokens, logp
 
 
+# The product kernels of the fused step (`step_kernel` picks one per `sample` call):
+#   linear        F.linear on the parameters (GPU, bf16/float64, a compiled step: autocast and tracing see it)
+#   onednn        oneDNN on weights packed once in its default layout (CPU float32, 3+ rows)
+#   onednn_rows1  oneDNN on weights packed for one row (CPU float32, 1 row, no tb_model.rowkernels here)
+#   rows          tb_model.rowkernels: each block one C call on the parameters (CPU float32, 1-2 rows: reads
+#                 each weight once at ~the machine's read rate, no torch ops between the products)
+KERNELS = ("linear", "onednn", "onednn_rows1", "rows")
+
+
 class BlockWeights(NamedTuple):
     """One block's tensors for the fused step: (weight, bias) pairs; Linear weights packed or plain."""
 
@@ -121,9 +132,11 @@ class SamplingWeights(NamedTuple):
     mod stacks the adaLN Linear of every block and then the final one's ([(6 depth + 2) w, w]), so the
     modulation of every block at every step is ONE GEMM per `sample` call. classifiers: every step's
     classifier stacked ([S, classes, w], [S, classes]), indexed by the step inside the step function.
-    packed: the trunk and modulation weights are oneDNN-packed (CPU, float32): packed once, a GEMM of
-    a few rows then skips the weight repacking that MKL's sgemm does at every call (measured at L's
-    shapes, 2 threads: 64 rows 1.6x, 1 row 2.8x faster).
+    kernel (one of KERNELS): how the trunk's products run. oneDNN-packed weights are packed once, so a
+    GEMM of a few rows skips the weight repacking that MKL's sgemm does at every call (measured at L's
+    shapes, 2 threads: 64 rows 1.6x, 1 row 2.8x faster). The modulation GEMM (S x N rows) runs on the
+    default oneDNN packing whenever the trunk's kernel is not `linear`. rows: the blocks prepared for
+    tb_model.rowkernels (kernel `rows` only, else None).
     """
 
     mod: tuple[Tensor, Tensor]
@@ -131,7 +144,8 @@ class SamplingWeights(NamedTuple):
     norm: tuple[Tensor, Tensor]
     classifiers: tuple[Tensor, Tensor]
     heads: int
-    packed: bool
+    kernel: str
+    rows: rowkernels.HeadLoop | None = None
 
 
 class SamplingState(NamedTuple):
@@ -157,11 +171,26 @@ def onednn_packable(t: Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype == torch.float32 and torch.backends.mkldnn.is_available()
 
 
-def fused_linear(x: Tensor, weight_bias: tuple[Tensor, Tensor], packed: bool, gelu: bool = False) -> Tensor:
-    """x [M, in] @ weight.T + bias (then exact-erf GELU if gelu): oneDNN with the GELU as a post-op on
-    packed weights, else F.linear (which autocast sees)."""
+def step_kernel(cond: Tensor) -> str:
+    """The trunk's product kernel for a cached `sample` call on cond [N, w] (see KERNELS).
+
+    Measured at L's head shapes, 2 threads, the 16 trunk products of a step against the time to read
+    their weights once: 1 row rowkernels' product 1.22x, oneDNN M=1 packing 1.32x, default packing
+    1.66x; 2 rows 1.29x against default packing 1.68x; 4 rows 1.62x against 1.41x (so rowkernels keeps
+    to MAX_ROWS rows)."""
+    if not onednn_packable(cond):
+        return "linear"
+    if rowkernels.usable(cond):
+        return "rows"
+    return "onednn_rows1" if cond.shape[0] == 1 else "onednn"
+
+
+def fused_linear(x: Tensor, weight_bias: tuple[Tensor, Tensor], kernel: str, gelu: bool = False) -> Tensor:
+    """x [M, in] @ weight.T + bias (then exact-erf GELU if gelu) with `kernel` (one of KERNELS): oneDNN
+    with the GELU as a post-op on packed weights, else F.linear (which autocast sees); the `rows` kernel
+    runs the whole loop (`rowkernels.HeadLoop`), not single products."""
     weight, bias = weight_bias
-    if packed:
+    if kernel in ("onednn", "onednn_rows1"):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [],
                                                   "none" if gelu else "")
     y = F.linear(x, weight, bias)
@@ -300,7 +329,8 @@ class ARHead(_HeadBase):
         use_cache=False recomputes the whole prefix at every step (the released code's loop, kept as
         the reference). uniforms [N, steps] (optional) replaces the draw from `generator` (per-sample
         random streams). step: the cached loop's per-token function, `sample_step` (default) or a
-        compiled version of it; a compiled one gets the plain (unpacked) weights, which it can trace.
+        compiled version of it; a compiled one gets the plain (unpacked) weights, which it can trace
+        (kernel `linear`); `sample_step` itself gets `step_kernel(cond)`'s.
         The cached step computes as in eval mode (no dropout), as `TokenBridge.generate` runs it.
         """
         N = z.shape[0]
@@ -311,12 +341,16 @@ class ARHead(_HeadBase):
         if not use_cache:
             return self._sample_prefix(cond, uniforms, temperature, logp)
         plain = step is None or step == self.sample_step
-        weights = self.sampling_weights(packed=plain and onednn_packable(cond), single_row=N == 1)
+        weights = self.sampling_weights(step_kernel(cond) if plain else "linear")
         state = self._sampling_state(cond, weights)
         step = self.sample_step if step is None else step
         pos_embed = self.pos_embed[0].to(cond.dtype)
         picked = torch.empty(N, self.steps, dtype=torch.long, device=z.device)
         x = cond + pos_embed[0]
+        if weights.rows is not None and step == self.sample_step:  # every step in one C call
+            weights.rows(x, 0, self.steps, state.mods, state.caches, uniforms.to(cond.dtype), temperature, picked, logp,
+                         LN_EPS)
+            return self.ungroup_tokens(picked), logp
         for s in range(self.steps):
             if s:
                 x = self.token_embed[s - 1](picked[:, s - 1]) + pos_embed[s]
@@ -337,49 +371,57 @@ class ARHead(_HeadBase):
             logp += lp
         return self.ungroup_tokens(picked), logp
 
-    def sampling_weights(self, packed: bool, single_row: bool = False) -> SamplingWeights:
-        """The weights of the fused step (`SamplingWeights`), built once per layout and reused until a
-        parameter changes (training steps, EMA swaps, loads and moves bump a tensor's version or its
-        address; `_apply` drops them at once, so a moved model holds no copy on its old device).
-
-        single_row (packed only): the trunk packed for a one-row product (a matrix-vector product), the
-        layout oneDNN picks for M = 1. Measured at L's head shapes, 2 threads: a one-row step 10-25% faster
-        than on the default packing, but 1.3-2x slower from 2 rows up, so `sample` asks for it only
-        when it samples one position."""
-        layout = (packed, packed and single_row)
+    def sampling_weights(self, kernel: str) -> SamplingWeights:
+        """The weights of the fused step (`SamplingWeights`) for `kernel` (one of KERNELS), built once
+        per kernel and reused until a parameter changes (training steps, EMA swaps, loads and moves bump
+        a tensor's version or its address; `_apply` drops them at once, so a moved model holds no copy
+        on its old device). `linear` and `rows` use the parameters themselves for the trunk."""
+        if kernel not in KERNELS:
+            raise ValueError(f"sampling kernel {kernel!r}: want one of {KERNELS}")
         if torch.compiler.is_compiling():  # traced into a graph: built there (a graph cannot compare pointers)
-            return self._build_sampling_weights(*layout)
+            return self._build_sampling_weights(kernel)
         key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.parameters())
         held = _SAMPLING_WEIGHTS.get(self)
         if held is None or held[0] != key:
             _SAMPLING_WEIGHTS.pop(self, None)  # free the old copies before building new ones
             held = (key, {})
             _SAMPLING_WEIGHTS[self] = held
-        if layout not in held[1]:
-            held[1][layout] = self._build_sampling_weights(*layout)
-        return held[1][layout]
+        if kernel not in held[1]:
+            held[1][kernel] = self._build_sampling_weights(kernel)
+        return held[1][kernel]
 
-    def _build_sampling_weights(self, packed: bool, single_row: bool) -> SamplingWeights:
+    def _build_sampling_weights(self, kernel: str) -> SamplingWeights:
         blocks = [_unwrap(blk, AdaLNBlock) for blk in self.blocks]
         reorder = torch.ops.mkldnn._reorder_linear_weight
-        pack = reorder if packed else (lambda w: w)  # the modulation GEMM has S x N rows: default layout
+
+        def trunk(w: Tensor) -> Tensor:
+            if kernel in ("linear", "rows"):
+                return w
+            return reorder(w, 1) if kernel == "onednn_rows1" else reorder(w)
+
+        def pack(w: Tensor) -> Tensor:  # the modulation GEMM has S x N rows: default layout
+            return w if kernel == "linear" else reorder(w)
 
         def linear(m: nn.Linear) -> tuple[Tensor, Tensor]:
-            return (reorder(m.weight.detach(), 1) if single_row else pack(m.weight.detach())), m.bias.detach()
+            return trunk(m.weight.detach()), m.bias.detach()
 
         def norm(m: nn.LayerNorm) -> tuple[Tensor, Tensor]:
             return m.weight.detach(), m.bias.detach()
 
         mods = [blk.adaLN_modulation[-1] for blk in blocks] + [self.final.adaLN_modulation[-1]]
+        trunk_weights = tuple(BlockWeights(norm(b.norm1), linear(b.attn.qkv), norm(b.attn.q_norm), norm(b.attn.k_norm),
+                                           linear(b.attn.proj), norm(b.norm2), linear(b.mlp.fc1), linear(b.mlp.fc2))
+                              for b in blocks)
+        heads, final_norm = blocks[0].attn.num_heads, norm(self.norm)
+        classifiers = (torch.stack([c.weight.detach() for c in self.classifiers]),
+                       torch.stack([c.bias.detach() for c in self.classifiers]))
         return SamplingWeights(
             mod=(pack(torch.cat([m.weight.detach() for m in mods])), torch.cat([m.bias.detach() for m in mods])),
-            blocks=tuple(BlockWeights(norm(b.norm1), linear(b.attn.qkv), norm(b.attn.q_norm), norm(b.attn.k_norm),
-                                      linear(b.attn.proj), norm(b.norm2), linear(b.mlp.fc1), linear(b.mlp.fc2))
-                         for b in blocks),
-            norm=norm(self.norm),
-            classifiers=(torch.stack([c.weight.detach() for c in self.classifiers]),
-                         torch.stack([c.bias.detach() for c in self.classifiers])),
-            heads=blocks[0].attn.num_heads, packed=packed)
+            blocks=trunk_weights, norm=final_norm, classifiers=classifiers, heads=heads, kernel=kernel,
+            rows=rowkernels.HeadLoop([[t for pair in b for t in pair] for b in trunk_weights], final_norm, classifiers,
+                                     torch.stack([e.weight.detach() for e in self.token_embed]) if self.steps > 1
+                                     else torch.zeros(0, self.classes, self.pos_embed.shape[-1]),
+                                     self.pos_embed[0].detach(), heads) if kernel == "rows" else None)
 
     def _sampling_state(self, cond: Tensor, weights: SamplingWeights) -> SamplingState:
         """The loop's buffers for cond [N, w]: every modulation of every step in ONE GEMM, the scales
@@ -387,7 +429,8 @@ class ARHead(_HeadBase):
         cache and the additive causal mask rows."""
         S, (N, w), depth = self.steps, cond.shape, len(weights.blocks)
         c = F.silu(cond[None] + self.step_embed[0, :, None].to(cond.dtype))  # [S, N, w], step-major
-        mods = fused_linear(c.view(S * N, w), weights.mod, weights.packed).view(S, N, 6 * depth + 2, w)
+        mod_kernel = "linear" if weights.kernel == "linear" else "onednn"
+        mods = fused_linear(c.view(S * N, w), weights.mod, mod_kernel).view(S, N, 6 * depth + 2, w)
         per_block = mods[:, :, :6 * depth].view(S, N, depth, 6, w)
         per_block[:, :, :, 1].add_(1)  # scale1
         per_block[:, :, :, 4].add_(1)  # scale2
@@ -409,33 +452,49 @@ class ARHead(_HeadBase):
         layer_norm and one addcmul, x + gate * branch as one addcmul, QKV one GEMM whose keys (after
         the k-norm) and values go straight into row `pos` of the preallocated cache, attention of the
         new query over the whole cache with the causal mask row `pos` added (rows after pos are zero
-        and masked: exact zeros in the softmax), GELU fused into fc1 on the packed path. Every shape is
+        and masked: exact zeros in the softmax), GELU fused into fc1 on oneDNN; with the `rows` kernel
+        the step is one C call (`rowkernels.HeadLoop`) doing the same. Every shape is
         the same at every step; `pos` only indexes, so one compiled graph serves all steps.
         """
-        N, w = x.shape
-        S = self.steps
+        w = x.shape[1]
         mods = state.mods[pos:pos + 1][0]  # slices, not integer indices: a compiled step keeps pos symbolic
+        if weights.rows is not None:  # the step in one C call (as `sample` runs the whole loop)
+            picked = torch.zeros(x.shape[0], self.steps, dtype=torch.long)
+            logp = torch.zeros(x.shape[0])
+            u = torch.zeros(x.shape[0], self.steps)
+            u[:, pos] = uniforms
+            weights.rows(x, pos, pos + 1, state.mods, state.caches, u, temperature, picked, logp, LN_EPS)
+            return picked[:, pos], logp
         for i, (blk, cache) in enumerate(zip(weights.blocks, state.caches)):
-            shift1, scale1, gate1, shift2, scale2, gate2 = mods[:, 6 * i * w:6 * (i + 1) * w].split(w, dim=-1)
-            h = torch.addcmul(shift1, F.layer_norm(x, (w,), *blk.norm1, LN_EPS), scale1)
-            qkv = fused_linear(h, blk.qkv, weights.packed).view(N, 3, weights.heads, -1)
-            D = qkv.shape[-1]
-            cache[0, :, :, pos:pos + 1] = F.layer_norm(qkv[:, 1], (D,), *blk.k_norm, LN_EPS)[:, :, None]
-            cache[1, :, :, pos:pos + 1] = qkv[:, 2, :, None]
-            keys, values = cache.flatten(1, 2).unbind(0)  # [N heads, S, D] each
-            q = F.layer_norm(qkv[:, 0], (D,), *blk.q_norm, LN_EPS).view(N * weights.heads, 1, D)
-            scores = torch.baddbmm(state.mask[pos:pos + 1][0].expand(N * weights.heads, 1, S), q, keys.transpose(1, 2),
-                                   alpha=D ** -0.5)
-            probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
-            attn = torch.bmm(probs.to(values.dtype), values)
-            x = torch.addcmul(x, gate1, fused_linear(attn.view(N, w), blk.proj, weights.packed))
-            h = torch.addcmul(shift2, F.layer_norm(x, (w,), *blk.norm2, LN_EPS), scale2)
-            x = torch.addcmul(x, gate2, fused_linear(fused_linear(h, blk.fc1, weights.packed, gelu=True),
-                                                     blk.fc2, weights.packed))
+            x = self._block_step(x, pos, blk, cache, mods[:, 6 * i * w:6 * (i + 1) * w], weights, state)
         scale, shift = mods[:, 6 * len(weights.blocks) * w:].split(w, dim=-1)
         h = torch.addcmul(shift, F.layer_norm(F.layer_norm(x, (w,), *weights.norm, LN_EPS), (w,), eps=LN_EPS), scale)
         cls_weight, cls_bias = weights.classifiers
         return pick_tokens(F.linear(h, cls_weight[pos:pos + 1][0], cls_bias[pos:pos + 1][0]), uniforms, temperature)
+
+    @staticmethod
+    def _block_step(x: Tensor, pos: int, blk: BlockWeights, cache: Tensor, mods: Tensor, weights: SamplingWeights,
+                    state: SamplingState) -> Tensor:
+        """One block of `sample_step` in torch ops: x [N, w] -> x; keys and values into row pos of cache."""
+        N, w = x.shape
+        S = cache.shape[-2]
+        shift1, scale1, gate1, shift2, scale2, gate2 = mods.split(w, dim=-1)
+        h = torch.addcmul(shift1, F.layer_norm(x, (w,), *blk.norm1, LN_EPS), scale1)
+        qkv = fused_linear(h, blk.qkv, weights.kernel).view(N, 3, weights.heads, -1)
+        D = qkv.shape[-1]
+        cache[0, :, :, pos:pos + 1] = F.layer_norm(qkv[:, 1], (D,), *blk.k_norm, LN_EPS)[:, :, None]
+        cache[1, :, :, pos:pos + 1] = qkv[:, 2, :, None]
+        keys, values = cache.flatten(1, 2).unbind(0)  # [N heads, S, D] each
+        q = F.layer_norm(qkv[:, 0], (D,), *blk.q_norm, LN_EPS).view(N * weights.heads, 1, D)
+        scores = torch.baddbmm(state.mask[pos:pos + 1][0].expand(N * weights.heads, 1, S), q, keys.transpose(1, 2),
+                               alpha=D ** -0.5)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
+        attn = torch.bmm(probs.to(values.dtype), values)
+        x = torch.addcmul(x, gate1, fused_linear(attn.view(N, w), blk.proj, weights.kernel))
+        h = torch.addcmul(shift2, F.layer_norm(x, (w,), *blk.norm2, LN_EPS), scale2)
+        return torch.addcmul(x, gate2, fused_linear(fused_linear(h, blk.fc1, weights.kernel, gelu=True),
+                                                    blk.fc2, weights.kernel))
+
 
 class ParallelHead(_HeadBase):
     """All steps predicted independently from cond (the paper's parallel ablation)."""

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tb_model.head import ARHead, ParallelHead, pick_tokens
+from tb_model import rowkernels
+from tb_model.head import ARHead, ParallelHead, pick_tokens, step_kernel
 
 
 FP32_LOGP = 1e-5  # summed log-prob agreement of two fp32 sampling loops (rounding only)
@@ -44,46 +45,60 @@ def _plain_step(head: ARHead):
 
 @pytest.mark.parametrize("group", [1, 2])
 @pytest.mark.parametrize("temperature", [1.0, 0.0])
-@pytest.mark.parametrize("batch", [1, 256])
-def test_fused_step_float32_equals_prefix_recomputation(group: int, temperature: float, batch: int) -> None:
-    """fp32 (the CPU sampling precision): the fused cached step on oneDNN-packed weights, the same step on
-    plain weights and the released prefix-recompute loop pick the same tokens from the same uniforms.
-    The summed log-probs agree to FP32_LOGP (a few fp32 ulps of logits of magnitude ~10-30, summed
-    over 6 steps); the cached loop before the fusion differed from the prefix loop by up to 5.7e-6 here
-    too, and in float64 both agree to 1e-10 (test above)."""
+@pytest.mark.parametrize("batch,kernel", [(1, "rows"), (2, "rows"), (1, "onednn_rows1"), (256, "onednn")])
+def test_fused_step_float32_equals_prefix_recomputation(group: int, temperature: float, batch: int, kernel: str,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp32 (the CPU sampling precision): the fused cached step on each CPU kernel (tb_model.rowkernels'
+    C block at 1-2 rows, oneDNN packed for one row where it is off, oneDNN's default packing), the same step
+    on plain weights (kernel `linear`) and the released prefix-recompute loop pick the same tokens from
+    the same uniforms. The summed log-probs agree to FP32_LOGP (a few fp32 ulps of logits of magnitude
+    ~10-30, summed over 6 steps); the cached loop before the fusion differed from the prefix loop by up
+    to 5.7e-6 here too, and in float64 both agree to 1e-10 (test above)."""
+    if kernel == "onednn_rows1":
+        monkeypatch.setattr(rowkernels, "MAX_ROWS", 0)
     head = _head(group=group, dtype=torch.float32)
     z = torch.randn(batch, 24, generator=torch.Generator().manual_seed(batch))
+    assert step_kernel(z) == kernel  # rows, device and dtype decide
     runs = {name: head.sample(z, temperature, torch.Generator().manual_seed(0), use_cache=cache, step=step)
-            for name, cache, step in (("packed", True, None), ("plain", True, _plain_step(head)),
+            for name, cache, step in ((kernel, True, None), ("linear", True, _plain_step(head)),
                                       ("prefix", False, None))}
     tok, lp = runs["prefix"]
     assert tok.shape == (batch, 6)
-    for name in ("packed", "plain"):
+    for name in (kernel, "linear"):
         assert torch.equal(runs[name][0], tok), name
         torch.testing.assert_close(runs[name][1], lp, rtol=0, atol=FP32_LOGP, msg=name)
-    if batch > 1:
+    if batch > 2:
         assert len(torch.unique(tok, dim=0)) > batch // 2  # varied tokens, so equality says something
 
 
-def test_fused_step_uses_packed_weights_only_on_cpu_float32() -> None:
-    """The default fp32 CPU loop runs on oneDNN-packed weights (the measured speed-up depends on it);
-    float64, or a step that is not `sample_step` (a compiled one), gets the parameters themselves."""
+def test_step_kernel_follows_rows_device_and_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CPU float32: tb_model.rowkernels on the parameters themselves at 1-2 rows (no copy), oneDNN-packed
+    weights from 3 rows (or for one row where it is off); float64, or a step that is not `sample_step`
+    (a compiled one), gets the parameters and F.linear. One set of weights per kernel, kept."""
+    assert rowkernels.available(), rowkernels.unavailable_reason()  # x86-64 with AVX2 and a C compiler (CI has both)
     head = _head(dtype=torch.float32)
     z = torch.randn(4, 24)
-    head.sample(z)
-    assert head.sampling_weights(packed=True).packed and head.sampling_weights(True).blocks[0].qkv[0].is_mkldnn
-    plain = head.sampling_weights(packed=False)
-    assert plain.blocks[0].qkv[0] is head.blocks[0].attn.qkv.weight.data or torch.equal(
-        plain.blocks[0].qkv[0], head.blocks[0].attn.qkv.weight)
-    assert not plain.blocks[0].qkv[0].is_mkldnn
+    assert [step_kernel(torch.zeros(n, 32)) for n in (1, 2, 3, 64)] == ["rows", "rows", "onednn", "onednn"]
+    assert step_kernel(torch.zeros(1, 32, dtype=torch.float64)) == "linear"
     from tb_model.head import _SAMPLING_WEIGHTS
-    assert set(_SAMPLING_WEIGHTS[head][1]) == {(True, False), (False, False)}
-    head.sample(z[:1])  # one position: the trunk packed for a matrix-vector product, a layout of its own
-    assert (True, True) in _SAMPLING_WEIGHTS[head][1]
-    assert head.sampling_weights(packed=True, single_row=True).blocks[0].fc1[0].is_mkldnn
+    head.sample(z)
+    head.sample(z[:1])
+    head.sample(z, step=_plain_step(head))
+    assert set(_SAMPLING_WEIGHTS[head][1]) == {"onednn", "rows", "linear"}
+    qkv = head.blocks[0].attn.qkv.weight
+    assert head.sampling_weights("onednn").blocks[0].qkv[0].is_mkldnn
+    for kernel in ("rows", "linear"):
+        w = head.sampling_weights(kernel).blocks[0].qkv[0]
+        assert not w.is_mkldnn and w.data_ptr() == qkv.data_ptr()
+    monkeypatch.setattr(rowkernels, "MAX_ROWS", 0)
+    head.sample(z[:1])
+    assert head.sampling_weights("onednn_rows1").blocks[0].fc1[0].is_mkldnn
+    assert "onednn_rows1" in _SAMPLING_WEIGHTS[head][1]
     mod_rows = torch.cat([head.blocks[0].adaLN_modulation[-1].weight, head.blocks[1].adaLN_modulation[-1].weight,
                           head.final.adaLN_modulation[-1].weight])
-    assert torch.equal(plain.mod[0], mod_rows)  # block 0, block 1, then the final modulation: one GEMM
+    assert torch.equal(head.sampling_weights("linear").mod[0], mod_rows)  # blocks 0, 1, the final one: one GEMM
+    with pytest.raises(ValueError, match="sampling kernel 'mkl'"):
+        head.sampling_weights("mkl")
 
 
 def test_sampling_weights_follow_parameter_changes() -> None:

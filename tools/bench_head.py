@@ -12,7 +12,10 @@ once (a matrix-vector product per Linear), so its floor is (weight bytes the cac
 / steps) / memory bandwidth, the bandwidth measured in the same run (a 512 MiB copy and a 512 MiB sum,
 the faster of the two, so the bound is the strict one); printed: both times and their ratio. This host's
 bandwidth drifts with its neighbours' load (27 to 63 GB/s within an hour), so it is read just before and
-just after the timed calls, and the faster reading sets the bound.
+just after the timed calls, and the faster reading sets the bound. A fresh buffer's rate also depends on
+where its pages land, so the bound is read a second way: a read of the head's own weights (before and
+after, best), and a third: each call timed right after one read of the weights, the ratio per pair
+(median and range), so that drift between the reading and the call cancels.
 Part 2: whole-image generation at num_iter 64 with CFG: the head's share of the total time, and the
 default loop (batched CFG + KV cache) vs the official-style loop (two MAR passes + prefix recompute);
 measured by running `generate` (--whole) or estimated from timed MAR passes and head calls (--estimate).
@@ -37,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a bare
 
 from tb_core.measure import synchronize  # noqa: E402
 from tb_model.baselines.diffloss import MAR_DIFFUSION_SIZES, DiffusionHead  # noqa: E402
-from tb_model.head import ARHead  # noqa: E402
+from tb_model.head import ARHead, step_kernel  # noqa: E402
 from tb_model.config import ModelConfig, resolve  # noqa: E402
 from tb_model.registry import create  # noqa: E402
 from tb_model.tokenbridge import mask_schedule  # noqa: E402
@@ -84,6 +87,21 @@ def memory_bandwidth(nbytes: int = 512 * 2 ** 20, repeats: int = 5) -> dict[str,
     return best
 
 
+def weight_read_rate(head: ARHead, repeats: int = 3) -> float:
+    """Bytes per second of reading the head's own parameters once (a sum of each), best of `repeats`:
+    the rate at the pages the weights live on. A fresh 512 MiB buffer's rate varies by page placement on
+    this host (43-69 GB/s between eight buffers of one process), so this is the bound's second reading."""
+    params = [p for p in head.parameters()]
+    nbytes = sum(p.numel() * p.element_size() for p in params)
+    best = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for p in params:
+            p.sum()
+        best = max(best, nbytes / (time.perf_counter() - t0))
+    return best
+
+
 def cached_weight_bytes(head: ARHead) -> int:
     """Weight bytes one cached `sample` call reads: cond_proj and every modulation once, every step the
     trunk (blocks' Linears and norms, the final norm) and its own classifier."""
@@ -115,15 +133,25 @@ def bench_heads(size: str, batch: int, dtype: torch.dtype, cfg_scale: float, arg
             del fns["diffusion"]
         return fns
 
-    out = {"size": size, "batch": batch, "steps": head.steps, "weight_bytes": cached_weight_bytes(head)}
+    out = {"size": size, "batch": batch, "steps": head.steps, "weight_bytes": cached_weight_bytes(head),
+           "kernel": step_kernel(z)}
     with torch.inference_mode():
         bound = batch == 1 and device.type == "cpu"  # the weight-read bound of part 1b (host memory)
         for name, fn in runs(batch).items():
             if name == "cache" and bound:  # the host's bandwidth drifts: read it around the timed calls
                 out["bandwidth"] = [memory_bandwidth(repeats=3)]
+                out["weight_rate"] = [weight_read_rate(head)]
             out[f"t_{name}"] = timed(lambda: (fn(), synchronize(device)), args.min_time, args.repeats)
             if name == "cache" and bound:
                 out["bandwidth"].append(memory_bandwidth(repeats=3))
+                out["weight_rate"].append(weight_read_rate(head))
+                pairs = []  # a read of the weights right before each call: the drift cancels within a pair
+                for _ in range(args.repeats):
+                    rate = weight_read_rate(head, repeats=1)
+                    t0 = time.perf_counter()
+                    fn()
+                    pairs.append((time.perf_counter() - t0, rate))
+                out["pairs"] = pairs
         counted = runs(1)  # FLOPs are linear in the number of positions
         # The same arithmetic on plain weights: the counter does not see oneDNN's packed GEMMs.
         counted["cache"] = lambda: head.sample(z[:1], 1.0, gen, step=lambda *a: head.sample_step(*a))
@@ -255,10 +283,19 @@ def main() -> None:
                 rate = max(before, after)
                 step_bytes = r["weight_bytes"] / r["steps"]
                 measured, bound = r["t_cache"] / r["steps"], step_bytes / rate
-                bound_lines.append(f"{size} N=1: {1e3 * measured:.2f} ms/step measured, {step_bytes / 1e6:.1f} MB/step "
+                own = max(r["weight_rate"])
+                bound_lines.append(f"{size} N=1 (kernel {r['kernel']}): {1e3 * measured:.2f} ms/step measured, {step_bytes / 1e6:.1f} MB/step "
                                    f"weights -> {1e3 * bound:.2f} ms/step at {rate / 1e9:.1f} GB/s; "
                                    f"measured / bound {measured / bound:.2f} (bandwidth {before / 1e9:.1f} GB/s "
                                    f"just before the timed calls, {after / 1e9:.1f} just after)")
+                bound_lines.append(f"{size} N=1 against a read of the head's own weights ({own / 1e9:.1f} GB/s, best of "
+                                   f"before {r['weight_rate'][0] / 1e9:.1f} / after {r['weight_rate'][1] / 1e9:.1f}): "
+                                   f"bound {1e3 * step_bytes / own:.2f} ms/step, measured / bound "
+                                   f"{measured * own / step_bytes:.2f}")
+                paired = sorted(t / r["steps"] * rate / step_bytes for t, rate in r["pairs"])
+                bound_lines.append(f"{size} N=1 paired (each call right after a read of the weights, {len(paired)} pairs): "
+                                   f"measured / bound median {statistics.median(paired):.2f}, range "
+                                   f"{paired[0]:.2f}-{paired[-1]:.2f}")
     if bound_lines:
         print("Part 1b: one cached step at N=1 vs weight bytes / memory bandwidth")
         print("\n".join(bound_lines), flush=True)

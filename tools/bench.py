@@ -38,9 +38,11 @@ def head_rows(out: str) -> list[Row]:
     rows: list[Row] = []
     part1 = re.compile(rf"^\s*(\w+)\s+(\d+)\s+({NUM})\s+({NUM})\s+({NUM}|-)\s+({NUM}) \|\s*({NUM})"
                        rf"\s+({NUM}|-) \|\s*({NUM}|-)\s*$")
-    part1b = re.compile(rf"^(\w+) N=1: ({NUM}) ms/step measured, ({NUM}) MB/step weights -> ({NUM}) ms/step at "
-                        rf"({NUM}) GB/s; measured / bound ({NUM}) \(bandwidth ({NUM}) GB/s just before the timed calls, "
-                        rf"({NUM}) just after\)$")
+    part1b = re.compile(rf"^(\w+) N=1 \(kernel (\w+)\): ({NUM}) ms/step measured, ({NUM}) MB/step weights -> ({NUM}) "
+                        rf"ms/step at ({NUM}) GB/s; measured / bound ({NUM}) \(bandwidth ({NUM}) GB/s just before the "
+                        rf"timed calls, ({NUM}) just after\)$")
+    own = re.compile(rf"^(\w+) N=1 against a read of the head's own weights \(({NUM}) GB/s.*measured / bound ({NUM})$")
+    paired = re.compile(rf"^(\w+) N=1 paired .*?(\d+) pairs\): measured / bound median ({NUM}), range ({NUM})-({NUM})$")
     part2 = re.compile(rf"^\s*(\w+)\s+({NUM})\s+({NUM})%\s+({NUM})\s+({NUM})%\s+({NUM})(.*)$")
     for line in out.splitlines():
         if m := part1.match(line):
@@ -53,10 +55,19 @@ def head_rows(out: str) -> list[Row]:
                 rows.append(("head", f"MAR diffusion head / AR head, {size}, N={n}", f"{float(dc):.2f}×",
                              f"FLOP ratio {float(fdc):.2f}"))
         elif m := part1b.match(line):
-            size, step, mb, bound, rate, ratio, before, after = m.groups()
+            size, kernel, step, mb, bound, rate, ratio, before, after = m.groups()
             rows.append(("head", f"cached step at N=1, {size}: measured / weight-bytes bound", f"{float(ratio):.2f}",
-                         f"{float(step):.2f} ms vs {float(bound):.2f} ms ({float(mb):.1f} MB at {float(rate):.1f} GB/s; "
-                         f"{float(before):.1f} before, {float(after):.1f} after the timed calls)"))
+                         f"{float(step):.2f} ms vs {float(bound):.2f} ms ({float(mb):.1f} MB at {float(rate):.1f} GB/s, "
+                         f"a 512 MiB buffer; {float(before):.1f} before, {float(after):.1f} after the timed calls; "
+                         f"kernel {kernel})"))
+        elif m := own.match(line):
+            size, rate, ratio = m.groups()
+            rows.append(("head", f"cached step at N=1, {size}: measured / bound from a read of the weights themselves",
+                         f"{float(ratio):.2f}", f"{float(rate):.1f} GB/s (best before/after)"))
+        elif m := paired.match(line):
+            size, n, median, low, high = m.groups()
+            rows.append(("head", f"cached step at N=1, {size}: measured / bound, each call paired with a read",
+                         f"{float(median):.2f}", f"median of {n} pairs, range {float(low):.2f}-{float(high):.2f}"))
         elif m := part2.match(line):
             size, fast, share, official, share_o, ratio, note = m.groups()
             rows += [("head", f"whole image, {size}, default loop", f"{float(fast):.2f} s",

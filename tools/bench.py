@@ -57,12 +57,13 @@ def head_rows(out: str) -> list[Row]:
         elif m := part1b.match(line):
             size, kernel, step, mb, bound, rate, ratio, before, after = m.groups()
             rows.append(("head", f"cached step at N=1, {size}: measured / weight-bytes bound", f"{float(ratio):.2f}",
-                         f"{float(step):.2f} ms vs {float(bound):.2f} ms ({float(mb):.1f} MB at {float(rate):.1f} GB/s, "
+                         f"{float(step):.2f} ms vs {float(bound):.2f} ms ({float(mb):.1f} MB at {float(rate):.1f} "
+                         f"GB/s, "
                          f"a 512 MiB buffer; {float(before):.1f} before, {float(after):.1f} after the timed calls; "
                          f"kernel {kernel})"))
         elif m := own.match(line):
             size, rate, ratio = m.groups()
-            rows.append(("head", f"cached step at N=1, {size}: measured / bound from a read of the weights themselves",
+            rows.append(("head", f"cached step at N=1, {size}: measured / bound from a read of the weights",
                          f"{float(ratio):.2f}", f"{float(rate):.1f} GB/s (best before/after)"))
         elif m := paired.match(line):
             size, n, median, low, high = m.groups()

@@ -284,17 +284,18 @@ def main() -> None:
                 step_bytes = r["weight_bytes"] / r["steps"]
                 measured, bound = r["t_cache"] / r["steps"], step_bytes / rate
                 own = max(r["weight_rate"])
-                bound_lines.append(f"{size} N=1 (kernel {r['kernel']}): {1e3 * measured:.2f} ms/step measured, {step_bytes / 1e6:.1f} MB/step "
-                                   f"weights -> {1e3 * bound:.2f} ms/step at {rate / 1e9:.1f} GB/s; "
-                                   f"measured / bound {measured / bound:.2f} (bandwidth {before / 1e9:.1f} GB/s "
-                                   f"just before the timed calls, {after / 1e9:.1f} just after)")
-                bound_lines.append(f"{size} N=1 against a read of the head's own weights ({own / 1e9:.1f} GB/s, best of "
-                                   f"before {r['weight_rate'][0] / 1e9:.1f} / after {r['weight_rate'][1] / 1e9:.1f}): "
-                                   f"bound {1e3 * step_bytes / own:.2f} ms/step, measured / bound "
-                                   f"{measured * own / step_bytes:.2f}")
-                paired = sorted(t / r["steps"] * rate / step_bytes for t, rate in r["pairs"])
-                bound_lines.append(f"{size} N=1 paired (each call right after a read of the weights, {len(paired)} pairs): "
-                                   f"measured / bound median {statistics.median(paired):.2f}, range "
+                bound_lines.append(f"{size} N=1 (kernel {r['kernel']}): {1e3 * measured:.2f} ms/step measured, "
+                                   f"{step_bytes / 1e6:.1f} MB/step weights -> {1e3 * bound:.2f} ms/step at "
+                                   f"{rate / 1e9:.1f} GB/s; measured / bound {measured / bound:.2f} (bandwidth "
+                                   f"{before / 1e9:.1f} GB/s just before the timed calls, "
+                                   f"{after / 1e9:.1f} just after)")
+                bound_lines.append(f"{size} N=1 against a read of the head's own weights ({own / 1e9:.1f} GB/s, best "
+                                   f"of before {r['weight_rate'][0] / 1e9:.1f} / after "
+                                   f"{r['weight_rate'][1] / 1e9:.1f}): bound {1e3 * step_bytes / own:.2f} ms/step, "
+                                   f"measured / bound {measured * own / step_bytes:.2f}")
+                paired = sorted(t / r["steps"] * read_rate / step_bytes for t, read_rate in r["pairs"])
+                bound_lines.append(f"{size} N=1 paired (each call right after a read of the weights, {len(paired)} "
+                                   f"pairs): measured / bound median {statistics.median(paired):.2f}, range "
                                    f"{paired[0]:.2f}-{paired[-1]:.2f}")
     if bound_lines:
         print("Part 1b: one cached step at N=1 vs weight bytes / memory bandwidth")

@@ -16,7 +16,9 @@ evaluation through the `InceptionExtractor`. In order:
    training forward + backward (mask count drawn beforehand, as a compiled step would). CUDA counts
    torch's sync-debug warnings; a CPU counts the ops that would sync on a GPU (scalar reads, nonzero,
    boolean-mask indexing). 0 is the goal (tests/test_compile.py holds it on CPU).
-3. Training step sweep: size x micro-batch x activation checkpointing (none / full). A plain torch step,
+3. Training step sweep: size x micro-batch x activation checkpointing (none / full) x --train-compile
+   (off / on: every block's forward compiled as `engine.compile` does, tb_train.engine.compile; the
+   "first step s" column then includes tracing and code generation). A plain torch step,
    not the DeepSpeed engine (one GPU: ZeRO has nothing to shard, and the engine's start-up would eat the
    budget): fp32 weights, forward under bf16 autocast (the engine's `amp_bf16` scheme; the recipes'
    `bf16` keeps bf16 weights with fp32 masters), loss, backward, clip to 1.0, fused AdamW; no EMA. Every
@@ -61,12 +63,14 @@ from tb_core.measure import machine_info, markdown_table, synchronize  # noqa: E
 from tb_model.registry import create  # noqa: E402
 from tb_model.tokenbridge import TokenBridge  # noqa: E402
 from tb_train.engine.activation_ckpt import apply_activation_checkpointing  # noqa: E402
+from tb_train.engine.compile import compile_block_forwards  # noqa: E402
 from tb_train.eval.inception import InceptionExtractor, write_random_weights  # noqa: E402
 from tb_train.sample.sampler import Sampler, SamplingConfig  # noqa: E402
 from tb_train.train.logger import measure_peak_flops, peak_memory_bytes  # noqa: E402
 
 GIB = 2 ** 30
-TRAIN_HEADER = ("size", "micro-batch", "activation ckpt", "s/step", "img/s", "MFU", "peak GiB")
+TRAIN_HEADER = ("size", "micro-batch", "activation ckpt", "compile", "first step s", "s/step", "img/s", "MFU",
+                "peak GiB")
 SAMPLE_HEADER = ("size", "batch", "num_iter", "guidance", "precision", "compile", "first batch s", "img/s",
                  "latents = eager")
 TRAIN_SHARE = 0.55  # of --budget-s for the training sweep; the rest is sampling (compile) and Inception
@@ -84,6 +88,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="latent grid side of every model (default the presets' 16 = 256 px; --tiny: 8)")
     p.add_argument("--batches", default=None, help="micro-batches (default 16,32,64,128; --tiny: 2,4,8)")
     p.add_argument("--ckpt", default="none,full", help="activation checkpointing policies")
+    p.add_argument("--train-compile", default="off", help="off, on or off,on: the training step also with every "
+                   "block's forward compiled as engine.compile does (its first step includes the compile)")
+    p.add_argument("--train-compile-backend", default=None,
+                   help="torch.compile backend of --train-compile (default inductor; --tiny: aot_eager)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps per config (default 2; --tiny: 1)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per config (default 5; --tiny: 2)")
     p.add_argument("--sample-size", default=None, help="sampling model size (default L; --tiny: tiny)")
@@ -97,10 +105,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="raise CUDA's out-of-memory error in every training step with micro-batch > N "
                         "(checks that OOM is reported, not fatal)")
     args = p.parse_args(argv)
+    if bad := [c for c in args.train_compile.split(",") if c not in ("off", "on")]:
+        p.error(f"--train-compile {args.train_compile}: {bad[0]!r} is not off or on")
     big = dict(sizes="L,H", batches="16,32,64,128", warmup=2, steps=5, sample_size="L", sample_batch=256,
-               num_iter=64, inception_batch=200, budget_s=330.0)
+               num_iter=64, inception_batch=200, budget_s=330.0, train_compile_backend="inductor")
     tiny = dict(sizes="tiny", latent_size=8, batches="2,4,8", warmup=1, steps=2, sample_size="tiny",
-                sample_batch=4, num_iter=4, inception_batch=2, budget_s=50.0)
+                sample_batch=4, num_iter=4, inception_batch=2, budget_s=50.0, train_compile_backend="aot_eager")
     for key, value in (tiny if args.tiny else big).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -236,7 +246,9 @@ class TrainRow:
     size: str
     batch: int
     ckpt: str
+    compile: str = "off"                  # off, or the backend of engine.compile's per-block compile
     status: str = ""                      # "" = measured, else OOM / skipped
+    first: float = 0.0                    # the first warm-up step (with compile: tracing + code generation)
     seconds: float = 0.0
     img_s: float = 0.0
     mfu: float = 0.0
@@ -244,42 +256,47 @@ class TrainRow:
 
     def cells(self) -> tuple:
         if self.status:
-            return (self.size, self.batch, self.ckpt, self.status, "-", "-", "-")
-        return (self.size, self.batch, self.ckpt, f"{self.seconds:.3f}", f"{self.img_s:.1f}", f"{100 * self.mfu:.1f}%",
-                f"{self.peak:.1f}")
+            return (self.size, self.batch, self.ckpt, self.compile, "-", self.status, "-", "-", "-")
+        return (self.size, self.batch, self.ckpt, self.compile, f"{self.first:.1f}", f"{self.seconds:.3f}",
+                f"{self.img_s:.1f}", f"{100 * self.mfu:.1f}%", f"{self.peak:.1f}")
 
 
 def train_sweep(args: argparse.Namespace, precision: str, peak_flops: float, deadline: Deadline,
                 reserve_s: float, emit: Callable[[], None], rows: list[TrainRow]) -> None:
-    """Part 3 (module doc): one model per (size, ckpt), every micro-batch on it, rows appended as measured."""
+    """Part 3 (module doc): one model per (size, ckpt, compile), every micro-batch on it, rows appended as
+    measured."""
     device = args.device
-    for size in args.sizes.split(","):
-        for ckpt in args.ckpt.split(","):
-            oom_at: int | None = None
-            model = opt = None
-            for batch in map(int, args.batches.split(",")):
-                row = TrainRow(size, batch, ckpt)
-                rows.append(row)
-                if oom_at is not None:
-                    row.status = f"OOM (at {oom_at})"
-                elif deadline.left() < reserve_s:
-                    row.status = "skipped (time budget)"
-                else:
-                    if model is None:
-                        model = build(size, args).train()
-                        apply_activation_checkpointing(model, ckpt)
-                        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.02,
-                                                fused=device.type == "cuda")
-                    measure_train(model, opt, row, args, precision, peak_flops)
-                    if row.status.startswith("OOM"):
-                        oom_at = batch
-                        opt.zero_grad(set_to_none=True)
-                    free_memory(device)
-                print(f"gpu_check: train {size} batch {batch} ckpt {ckpt}: {row.status or 'measured'}",
-                      file=sys.stderr, flush=True)
-                emit()
-            del model, opt
-            free_memory(device)
+    settings = [(size, ckpt, comp) for size in args.sizes.split(",") for ckpt in args.ckpt.split(",")
+                for comp in args.train_compile.split(",")]
+    for size, ckpt, comp in settings:
+        backend = args.train_compile_backend if comp == "on" else "off"
+        oom_at: int | None = None
+        model = opt = None
+        for batch in map(int, args.batches.split(",")):
+            row = TrainRow(size, batch, ckpt, backend)
+            rows.append(row)
+            if oom_at is not None:
+                row.status = f"OOM (at {oom_at})"
+            elif deadline.left() < reserve_s:
+                row.status = "skipped (time budget)"
+            else:
+                if model is None:
+                    model = build(size, args).train()
+                    apply_activation_checkpointing(model, ckpt)
+                    if comp == "on":
+                        compile_block_forwards(model, backend)
+                    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.02,
+                                            fused=device.type == "cuda")
+                measure_train(model, opt, row, args, precision, peak_flops)
+                if row.status.startswith("OOM"):
+                    oom_at = batch
+                    opt.zero_grad(set_to_none=True)
+                free_memory(device)
+            print(f"gpu_check: train {size} batch {batch} ckpt {ckpt} compile {backend}: {row.status or 'measured'}",
+                  file=sys.stderr, flush=True)
+            emit()
+        del model, opt
+        free_memory(device)
 
 
 def measure_train(model: TokenBridge, opt: torch.optim.Optimizer, row: TrainRow, args: argparse.Namespace,
@@ -304,8 +321,12 @@ def measure_train(model: TokenBridge, opt: torch.optim.Optimizer, row: TrainRow,
         opt.zero_grad(set_to_none=True)
 
     try:
+        t0 = time.perf_counter()
         for i in range(args.warmup):
             step(i)
+            if i == 0:
+                synchronize(device)
+                row.first = time.perf_counter() - t0
         synchronize(device)
         t0 = time.perf_counter()
         for i in range(args.steps):

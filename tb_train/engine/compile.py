@@ -142,15 +142,23 @@ def compile_blocks(model: nn.Module, cfg: CompileConfig, dist: DistInfo) -> int:
     if cfg.cache_dir is not None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.abspath(os.path.expanduser(cfg.cache_dir))
     compile_clock().register()
-    count = 0
-    for blocks in model.checkpoint_block_lists():
-        for block in blocks:
-            set_z3_leaf_module(block, True)
-            block.forward = torch.compile(block.forward, backend=cfg.backend, mode=cfg.mode, dynamic=cfg.dynamic)
-            count += 1
+    blocks = compile_block_forwards(model, cfg.backend, cfg.mode, cfg.dynamic)
+    for block in blocks:
+        set_z3_leaf_module(block, True)
     if dist.is_main:
         model.register_forward_pre_hook(_Reporter(cfg.backend))
-    return count
+    return len(blocks)
 
 
-__all__ = ["CompileConfig", "CompileClock", "compile_blocks", "compile_clock"]
+def compile_block_forwards(model: nn.Module, backend: str, mode: str = "default",
+                           dynamic: bool | None = None) -> list[nn.Module]:
+    """torch.compile the `forward` of every entry of `model.checkpoint_block_lists()` in place and return
+    the entries: the compilation `compile_blocks` does, without DeepSpeed (tools/gpu_check.py measures
+    it with a plain torch step on a GPU without DeepSpeed installed)."""
+    entries = [block for blocks in model.checkpoint_block_lists() for block in blocks]
+    for block in entries:
+        block.forward = torch.compile(block.forward, backend=backend, mode=mode, dynamic=dynamic)
+    return entries
+
+
+__all__ = ["CompileConfig", "CompileClock", "compile_block_forwards", "compile_blocks", "compile_clock"]

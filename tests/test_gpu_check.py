@@ -4,6 +4,7 @@ runs it on a borrowed GPU."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import types
@@ -84,8 +85,10 @@ def test_gpu_check_tiny_runs_every_part_and_reports_oom(tmp_path) -> None:
     assert facts["compute precision"] == "fp32" and facts["device"] == "cpu"
 
     train = _table(text, "## Training step")
-    assert [tuple(r[:4]) for r in train] == [("tiny", b, c, k) for c in ("none", "full") for k in ("off", "aot_eager")
-                                             for b in ("2", "4", "8")]
+    assert [(*r[:3], r[3].split(" (")[0]) for r in train] == [
+        ("tiny", b, c, k) for c in ("none", "full") for k in ("off", "aot_eager") for b in ("2", "4", "8")]
+    for row in train[3::6]:  # the measured compiled rows count torch's compilations
+        assert re.fullmatch(r"aot_eager \(([1-9]\d*) compiles in warm-up, (\d+) timed\)", row[3]), row[3]
     for size, batch, ckpt, comp, first, seconds, img_s, mfu, peak in train:
         if batch == "2":
             assert float(seconds) > 0 and float(peak) > 0 and 0 < float(mfu.rstrip("%")) < 100

@@ -63,7 +63,7 @@ from tb_core.measure import machine_info, markdown_table, synchronize  # noqa: E
 from tb_model.registry import create  # noqa: E402
 from tb_model.tokenbridge import TokenBridge  # noqa: E402
 from tb_train.engine.activation_ckpt import apply_activation_checkpointing  # noqa: E402
-from tb_train.engine.compile import compile_block_forwards  # noqa: E402
+from tb_train.engine.compile import compile_block_forwards, compile_clock  # noqa: E402
 from tb_train.eval.inception import InceptionExtractor, write_random_weights  # noqa: E402
 from tb_train.sample.sampler import Sampler, SamplingConfig  # noqa: E402
 from tb_train.train.logger import measure_peak_flops, peak_memory_bytes  # noqa: E402
@@ -249,15 +249,17 @@ class TrainRow:
     compile: str = "off"                  # off, or the backend of engine.compile's per-block compile
     status: str = ""                      # "" = measured, else OOM / skipped
     first: float = 0.0                    # the first warm-up step (with compile: tracing + code generation)
+    compiles: str = ""                    # with compile: "N in warm-up, M timed" torch compilations
     seconds: float = 0.0
     img_s: float = 0.0
     mfu: float = 0.0
     peak: float = 0.0
 
     def cells(self) -> tuple:
+        comp = f"{self.compile} ({self.compiles})" if self.compiles else self.compile
         if self.status:
-            return (self.size, self.batch, self.ckpt, self.compile, "-", self.status, "-", "-", "-")
-        return (self.size, self.batch, self.ckpt, self.compile, f"{self.first:.1f}", f"{self.seconds:.3f}",
+            return (self.size, self.batch, self.ckpt, comp, "-", self.status, "-", "-", "-")
+        return (self.size, self.batch, self.ckpt, comp, f"{self.first:.1f}", f"{self.seconds:.3f}",
                 f"{self.img_s:.1f}", f"{100 * self.mfu:.1f}%", f"{self.peak:.1f}")
 
 
@@ -284,6 +286,7 @@ def train_sweep(args: argparse.Namespace, precision: str, peak_flops: float, dea
                     model = build(size, args).train()
                     apply_activation_checkpointing(model, ckpt)
                     if comp == "on":
+                        compile_clock().register()
                         compile_block_forwards(model, backend)
                     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.02,
                                             fused=device.type == "cuda")
@@ -320,6 +323,8 @@ def measure_train(model: TokenBridge, opt: torch.optim.Optimizer, row: TrainRow,
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    clock = compile_clock()
+    graphs = clock.graphs
     try:
         t0 = time.perf_counter()
         for i in range(args.warmup):
@@ -328,6 +333,7 @@ def measure_train(model: TokenBridge, opt: torch.optim.Optimizer, row: TrainRow,
                 synchronize(device)
                 row.first = time.perf_counter() - t0
         synchronize(device)
+        warm_graphs = clock.graphs
         t0 = time.perf_counter()
         for i in range(args.steps):
             step(args.warmup + i)
@@ -335,6 +341,15 @@ def measure_train(model: TokenBridge, opt: torch.optim.Optimizer, row: TrainRow,
     except torch.OutOfMemoryError:
         row.status = "OOM"
         return
+    except Exception as e:  # noqa: BLE001 - a failed compile is a finding to report, not a reason to lose the rest
+        if row.compile == "off":
+            raise
+        lines = [ln for ln in str(e).splitlines() if ln.strip() and "TORCHDYNAMO_VERBOSE" not in ln
+                 and not ln.startswith("For even more")]  # torch's advice lines say nothing about the cause
+        row.status = f"failed: {type(e).__name__}: {lines[-1].strip() if lines else ''}"[:160].replace("|", "/")
+        return
+    if row.compile != "off":
+        row.compiles = f"{warm_graphs - graphs} compiles in warm-up, {clock.graphs - warm_graphs} timed"
     row.seconds = (time.perf_counter() - t0) / args.steps
     row.img_s = row.batch / row.seconds
     row.mfu = model.flops_per_sample() * row.img_s / peak_flops

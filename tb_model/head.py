@@ -348,7 +348,8 @@ class ARHead(_HeadBase):
         picked = torch.empty(N, self.steps, dtype=torch.long, device=z.device)
         x = cond + pos_embed[0]
         if weights.rows is not None and step == self.sample_step:  # every step in one C call
-            weights.rows(x, 0, self.steps, state.mods, state.caches, uniforms.to(cond.dtype), temperature, picked, logp,
+            weights.rows(x, 0, self.steps, state.mods, state.caches, uniforms.to(cond.dtype).contiguous(), temperature,
+                         picked, logp,
                          LN_EPS)
             return self.ungroup_tokens(picked), logp
         for s in range(self.steps):

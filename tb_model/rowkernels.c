@@ -152,7 +152,8 @@ static int64_t pick(const float *logits, int64_t K, float u, float temperature, 
     for (int64_t k = 0; k < K; ++k) z += exp((double)logits[k] - top);
     int64_t token = best;
     if (temperature != 0.0f) {
-        float total = 0.0f, m = top / temperature;
+        float total = 0.0f, m = logits[0] / temperature; /* the max of logits / T, for either sign of T */
+        for (int64_t k = 1; k < K; ++k) m = logits[k] / temperature > m ? logits[k] / temperature : m;
         for (int64_t k = 0; k < K; ++k) total += (work[k] = expf(logits[k] / temperature - m));
         double acc = 0.0;
         for (int64_t k = 0; k < K; ++k) work[k] = (float)(acc += work[k] / total);

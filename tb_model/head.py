@@ -24,8 +24,8 @@ modulation of every block and the final layer for every step comes from ONE GEMM
 (the adaLN Linears stacked, `SamplingWeights`), LayerNorm + modulate and x + gate * branch are one
 addcmul each, QKV is one GEMM whose keys and values go into the preallocated cache row in place, the
 new query attends over the whole cache with an additive causal row, and on a CPU in float32 the GEMMs
-run on oneDNN-packed weights (GELU fused into fc1); at one or two rows each block is one call of
-tb_model.rowkernels instead (`step_kernel` chooses). Every shape is the same at every step and `pos`
+run on oneDNN-packed weights (GELU fused into fc1); at one or two rows the whole loop over steps is
+one call of tb_model.rowkernels instead (`step_kernel` chooses). Every shape is the same at every step and `pos`
 only slices, so torch.compile (`TokenBridge.generation_fns`) traces it once for all steps and batch
 sizes; the loop over steps stays in Python, which keeps compiling fast (a compiled loop unrolls
 steps x blocks into one graph: 105 s of tracing at L's head shape on the 2-core CPU, against 32 s for
@@ -106,8 +106,8 @@ def pick_tokens(logits: Tensor, uniforms: Tensor, temperature: float) -> tuple[T
 #   linear        F.linear on the parameters (GPU, bf16/float64, a compiled step: autocast and tracing see it)
 #   onednn        oneDNN on weights packed once in its default layout (CPU float32, 3+ rows)
 #   onednn_rows1  oneDNN on weights packed for one row (CPU float32, 1 row, no tb_model.rowkernels here)
-#   rows          tb_model.rowkernels: each block one C call on the parameters (CPU float32, 1-2 rows: reads
-#                 each weight once at ~the machine's read rate, no torch ops between the products)
+#   rows          tb_model.rowkernels: the whole loop one C call on the parameters (CPU float32, 1-2 rows:
+#                 reads each weight once at ~the machine's read rate, no torch ops between the products)
 KERNELS = ("linear", "onednn", "onednn_rows1", "rows")
 
 
@@ -349,8 +349,7 @@ class ARHead(_HeadBase):
         x = cond + pos_embed[0]
         if weights.rows is not None and step == self.sample_step:  # every step in one C call
             weights.rows(x, 0, self.steps, state.mods, state.caches, uniforms.to(cond.dtype).contiguous(), temperature,
-                         picked, logp,
-                         LN_EPS)
+                         picked, logp, LN_EPS)
             return self.ungroup_tokens(picked), logp
         for s in range(self.steps):
             if s:

@@ -347,7 +347,7 @@ class ARHead(_HeadBase):
         pos_embed = self.pos_embed[0].to(cond.dtype)
         picked = torch.empty(N, self.steps, dtype=torch.long, device=z.device)
         x = cond + pos_embed[0]
-        if weights.rows is not None and step == self.sample_step:  # every step in one C call
+        if weights.rows is not None:  # every step in one C call (built only for `sample_step` itself)
             weights.rows(x, 0, self.steps, state.mods, state.caches, uniforms.to(cond.dtype).contiguous(), temperature,
                          picked, logp, LN_EPS)
             return self.ungroup_tokens(picked), logp
@@ -456,8 +456,6 @@ class ARHead(_HeadBase):
         the step is one C call (`rowkernels.HeadLoop`) doing the same. Every shape is
         the same at every step; `pos` only indexes, so one compiled graph serves all steps.
         """
-        w = x.shape[1]
-        mods = state.mods[pos:pos + 1][0]  # slices, not integer indices: a compiled step keeps pos symbolic
         if weights.rows is not None:  # the step in one C call (as `sample` runs the whole loop)
             picked = torch.zeros(x.shape[0], self.steps, dtype=torch.long)
             logp = torch.zeros(x.shape[0])
@@ -465,6 +463,8 @@ class ARHead(_HeadBase):
             u[:, pos] = uniforms
             weights.rows(x, pos, pos + 1, state.mods, state.caches, u, temperature, picked, logp, LN_EPS)
             return picked[:, pos], logp
+        w = x.shape[1]
+        mods = state.mods[pos:pos + 1][0]  # slices, not integer indices: a compiled step keeps pos symbolic
         for i, (blk, cache) in enumerate(zip(weights.blocks, state.caches)):
             x = self._block_step(x, pos, blk, cache, mods[:, 6 * i * w:6 * (i + 1) * w], weights, state)
         scale, shift = mods[:, 6 * len(weights.blocks) * w:].split(w, dim=-1)

@@ -38,6 +38,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from tb_core.fileio import atomic_write_bytes
+
 SOURCE = Path(__file__).with_name("rowkernels.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 CACHE_ENV = "TB_KERNEL_CACHE"  # where built kernels are kept; default ~/.cache/tokenbridge/kernels
@@ -78,18 +80,14 @@ def _build() -> Path:
     target = cache_dir() / f"tb_rowkernels_{key}.so"
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        built = Path(tmp) / target.name
+        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"], capture_output=True,
+                              text=True)
         if done.returncode:
             first = (done.stderr.strip().splitlines() or ["(no output)"])[0]
             raise RuntimeError(f"building {SOURCE.name} with {compiler} failed: {first}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        atomic_write_bytes(target, built.read_bytes())
     return target
 
 

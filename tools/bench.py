@@ -58,9 +58,8 @@ def head_rows(out: str) -> list[Row]:
             size, kernel, step, mb, bound, rate, ratio, before, after = m.groups()
             rows.append(("head", f"cached step at N=1, {size}: measured / weight-bytes bound", f"{float(ratio):.2f}",
                          f"{float(step):.2f} ms vs {float(bound):.2f} ms ({float(mb):.1f} MB at {float(rate):.1f} "
-                         f"GB/s, "
-                         f"a 512 MiB buffer; {float(before):.1f} before, {float(after):.1f} after the timed calls; "
-                         f"kernel {kernel})"))
+                         f"GB/s, a 512 MiB buffer; {float(before):.1f} before, {float(after):.1f} after the timed "
+                         f"calls; kernel {kernel})"))
         elif m := own.match(line):
             size, rate, ratio = m.groups()
             rows.append(("head", f"cached step at N=1, {size}: measured / bound from a read of the weights",

@@ -91,7 +91,7 @@ def weight_read_rate(head: ARHead, repeats: int = 3) -> float:
     """Bytes per second of reading the head's own parameters once (a sum of each), best of `repeats`:
     the rate at the pages the weights live on. A fresh 512 MiB buffer's rate varies by page placement on
     this host (43-69 GB/s between eight buffers of one process), so this is the bound's second reading."""
-    params = [p for p in head.parameters()]
+    params = list(head.parameters())
     nbytes = sum(p.numel() * p.element_size() for p in params)
     best = 0.0
     for _ in range(repeats):

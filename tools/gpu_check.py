@@ -286,7 +286,6 @@ def train_sweep(args: argparse.Namespace, precision: str, peak_flops: float, dea
                     model = build(size, args).train()
                     apply_activation_checkpointing(model, ckpt)
                     if comp == "on":
-                        compile_clock().register()
                         compile_block_forwards(model, backend)
                     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.02,
                                             fused=device.type == "cuda")

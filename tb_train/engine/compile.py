@@ -93,7 +93,7 @@ _CLOCK: CompileClock | None = None
 
 
 def compile_clock() -> CompileClock:
-    """The process's one CompileClock; `compile_blocks` (re-)registers its callbacks."""
+    """The process's one CompileClock; `compile_block_forwards` (re-)registers its callbacks."""
     global _CLOCK
     if _CLOCK is None:
         _CLOCK = CompileClock()
@@ -141,7 +141,6 @@ def compile_blocks(model: nn.Module, cfg: CompileConfig, dist: DistInfo) -> int:
                           f"(known: {known})") from None
     if cfg.cache_dir is not None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.abspath(os.path.expanduser(cfg.cache_dir))
-    compile_clock().register()
     blocks = compile_block_forwards(model, cfg.backend, cfg.mode, cfg.dynamic)
     for block in blocks:
         set_z3_leaf_module(block, True)
@@ -154,7 +153,9 @@ def compile_block_forwards(model: nn.Module, backend: str, mode: str = "default"
                            dynamic: bool | None = None) -> list[nn.Module]:
     """torch.compile the `forward` of every entry of `model.checkpoint_block_lists()` in place and return
     the entries: the compilation `compile_blocks` does, without DeepSpeed (tools/gpu_check.py measures
-    it with a plain torch step on a GPU without DeepSpeed installed)."""
+    it with a plain torch step on a GPU without DeepSpeed installed). `compile_clock()` counts what
+    torch then compiles."""
+    compile_clock().register()
     entries = [block for blocks in model.checkpoint_block_lists() for block in blocks]
     for block in entries:
         block.forward = torch.compile(block.forward, backend=backend, mode=mode, dynamic=dynamic)
